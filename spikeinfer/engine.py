@@ -1,0 +1,250 @@
+"""Backend selection and batched GLUE evaluation (DESIGN section 10).
+
+`--backend auto` means triton where CUDA is present, cpu otherwise. A backend that was asked for
+and cannot run raises `BackendUnavailableError` with the reason; nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import cost
+from .model import BACKENDS, BackendUnavailableError, SpikingBert, mean_asr
+
+
+def select_device(name: str | None = None) -> torch.device:
+    """The one place a device is chosen: `name` if given, else CUDA when present, else CPU."""
+    if name:
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                f"device {name!r} was asked for but CUDA is not available"
+            )
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _backend_module(name: str):
+    if name == "triton":
+        from .kernels import backend as module
+    elif name == "cpu":
+        from . import cpu_backend as module
+    else:
+        raise ValueError(f"{name!r} is not a kernel backend")
+    return module
+
+
+def require_backend(name: str) -> None:
+    """Raise BackendUnavailableError unless backend `name` can run on this machine."""
+    try:
+        module = _backend_module(name)
+    except ImportError as e:
+        raise BackendUnavailableError(f"backend {name!r} cannot be imported: {e}") from e
+    ok, reason = module.is_available()
+    if not ok:
+        raise BackendUnavailableError(f"backend {name!r} cannot run here: {reason}")
+
+
+def resolve_backend(name: str) -> str:
+    """Map "auto" to the backend for this machine; validate explicit names."""
+    if name == "auto":
+        name = "triton" if torch.cuda.is_available() else "cpu"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
+    if name in ("triton", "cpu"):
+        require_backend(name)
+    return name
+
+
+def run_backend(model: SpikingBert, input_ids, attention_mask, token_type_ids, **kwargs):
+    """Dispatch a forward pass to a kernel backend's whole-model simulation."""
+    return _backend_module(model.backend).simulate(
+        model, input_ids, attention_mask, token_type_ids, **kwargs
+    )
+
+
+def models_dir() -> Path:
+    """Folder of bundled models: $SPIKEINFER_MODELS, else the repository's models/."""
+    env = os.environ.get("SPIKEINFER_MODELS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "models"
+
+
+def resolve_model_path(path_or_name) -> Path:
+    path = Path(path_or_name)
+    if path.exists():
+        return path
+    bundled = models_dir() / str(path_or_name)
+    if bundled.exists():
+        return bundled
+    available = sorted(p.name for p in models_dir().glob("*") if (p / "config.json").exists())
+    raise FileNotFoundError(
+        f"no checkpoint folder {str(path_or_name)!r} and no bundled model of that name in "
+        f"{models_dir()} (bundled: {', '.join(available) or 'none'})"
+    )
+
+
+def load(path_or_name, device=None) -> SpikingBert:
+    """Load a checkpoint folder or a bundled model by name (e.g. "sst2-1bit")."""
+    from .checkpoint import load_checkpoint
+
+    return load_checkpoint(resolve_model_path(path_or_name), device=select_device(device))
+
+
+def _example_asr(rates: dict[str, torch.Tensor], valid: torch.Tensor) -> list[dict[str, float]]:
+    """Per example, the mean ASR of every sublayer over its real tokens."""
+    per_sublayer = {}
+    for name, r in rates.items():
+        if r.shape[-1] == 0:
+            per_sublayer[name] = torch.zeros(r.shape[0])
+        else:
+            per_sublayer[name] = (
+                (r * valid[..., None]).sum((1, 2)) / (valid.sum(1) * r.shape[-1])
+            ).cpu()
+    B = valid.shape[0]
+    return [{name: float(v[b]) for name, v in per_sublayer.items()} for b in range(B)]
+
+
+def evaluate(
+    model: SpikingBert,
+    task: str,
+    *,
+    split: str | None = None,
+    glue_dir=None,
+    batch_size: int = 32,
+    mode: str = "unrolled",
+    timesteps=None,
+    seed: int = 0,
+    limit: int | None = None,
+    max_length: int = 128,
+    backend: str | None = None,
+    tokenizer=None,
+    progress: bool = True,
+    shard: tuple[int, int] | None = None,
+    return_predictions: bool = False,
+) -> dict:
+    """Evaluate `model` on a GLUE split; returns the DESIGN section 10 result object.
+
+    `timesteps` is T for unrolled mode or a per-sublayer list for sequential mode (default the
+    model's). `shard=(rank, world)` evaluates every world-th bucket (for data parallelism); the
+    caller gathers. Percentages are 0-100.
+    """
+    from tqdm import tqdm
+
+    from .data import bucket_batches, collate, get_task, load_glue, load_tokenizer, tokenize
+    from .metrics import compute_metrics
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    spec = get_task(task)
+    split = spec.resolve_split(split or "dev")
+    if backend is not None:
+        model.to_backend(resolve_backend(backend))
+    dataset = load_glue(spec.name, split, glue_dir)
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    tokenizer = tokenizer or load_tokenizer()
+    max_length = min(max_length, model.config.max_position_embeddings)
+    encoded = tokenize(dataset, spec.name, tokenizer, max_length=max_length)
+    lengths = [len(ids) for ids in encoded.input_ids]
+    batches = bucket_batches(lengths, batch_size)
+    if shard is not None:
+        rank, world = shard
+        batches = batches[rank::world]
+    device = next(model.parameters()).device
+    if mode == "unrolled":
+        T = model.config.t_conv if timesteps is None else int(timesteps)
+        table = T
+    else:
+        if timesteps is not None:
+            model.set_timesteps(timesteps)
+        table = model.timesteps
+
+    preds, labels, indices = [], [], []
+    dense = pruned = driven = energy = 0.0
+    n_done = 0
+    start = time.perf_counter()
+    bar = tqdm(
+        total=sum(len(b) for b in batches),
+        disable=not progress,
+        unit="sent",
+        desc=f"{spec.name} {mode}",
+        dynamic_ncols=True,
+    )
+    model.eval()
+    with torch.inference_mode():
+        for batch_indices in batches:
+            batch = collate(encoded, batch_indices)
+            ids = batch["input_ids"].to(device)
+            am = batch["attention_mask"].to(device)
+            tt = batch["token_type_ids"].to(device)
+            out = model(
+                ids, am, tt, mode=mode, timesteps=table if mode == "unrolled" else None, seed=seed
+            )
+            logits = out.logits.float().cpu()
+            preds.append(logits[:, 0] if spec.is_regression else logits.argmax(-1))
+            labels.append(batch["labels"])
+            indices.extend(batch_indices)
+            valid = am.to(torch.float32)
+            for n_tokens, asr in zip(
+                am.sum(1).tolist(), _example_asr(out.rates, valid), strict=True
+            ):
+                dense += cost.dense_ac_count(model.config, n_tokens)
+                pruned += cost.ac_count(
+                    model.config, model.head_mask, model.neuron_mask, table, n_tokens
+                )
+                driven += cost.rate_weighted_acs(
+                    model.config, model.head_mask, model.neuron_mask, asr, n_tokens, table
+                )
+                energy += cost.energy_mj(
+                    model.config, model.head_mask, model.neuron_mask, asr, n_tokens, table
+                )
+            n_done += len(batch_indices)
+            bar.update(len(batch_indices))
+            bar.set_postfix(sent_s=f"{n_done / (time.perf_counter() - start):.1f}")
+    bar.close()
+    wall = time.perf_counter() - start
+    preds_np = torch.cat(preds).numpy()
+    labels_np = torch.cat(labels).numpy()
+    result = {"task": spec.name, "split": split, "n_examples": n_done}
+    result.update(compute_metrics(spec.name, preds_np, labels_np))
+    result.update(
+        {
+            "acs_percent": 100.0 * pruned / dense,
+            "normalized_c": driven / dense,
+            "latency": cost.latency(table, None if mode == "unrolled" else model.t_emb),
+            "energy_mj": energy / max(n_done, 1),
+            "sentences_per_s": n_done / wall,
+            "wall_s": wall,
+            "backend": model.backend,
+            "mode": mode,
+            "device": device_name(device),
+            "num_truncated": encoded.num_truncated,
+        }
+    )
+    if return_predictions:
+        result["predictions"] = {"index": np.asarray(indices), "pred": preds_np, "label": labels_np}
+    return result
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+__all__ = ["evaluate", "load", "mean_asr", "resolve_backend", "select_device"]

@@ -1,0 +1,1 @@
+"""Spatio-temporal pruning (DESIGN sections 7-8)."""

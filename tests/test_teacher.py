@@ -1,0 +1,23 @@
+import pytest
+import torch
+
+from spikeinfer.teacher import default_teacher_path, load_teacher
+
+
+def test_default_teacher_loads_offline_with_task_head(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    teacher = load_teacher(None, num_labels=3).eval()
+    assert teacher.config.model_type == "bert"
+    assert teacher.config.num_hidden_layers == 6 and teacher.config.hidden_size == 384
+    with torch.no_grad():
+        out = teacher(input_ids=torch.tensor([[101, 7592, 102]]))
+    assert out.logits.shape == (1, 3)
+    assert (default_teacher_path() / "vocab.txt").exists()
+
+
+def test_non_bert_teacher_is_refused(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="BERT-architecture"):
+        load_teacher(str(tmp_path))
