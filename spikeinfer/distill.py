@@ -1,0 +1,519 @@
+"""Teacher fine-tuning and distillation into a spiking student (DESIGN sections 5-6).
+
+Stages (each its own checkpoint folder under --out, each resumable):
+
+    teacher      fine-tune the BERT teacher on the task (its own command, `finetune-teacher`)
+    fp-inter     full-precision spiking student, intermediate KD: attention scores + hidden states
+    fp-pred      full-precision spiking student, prediction KD
+    1bit-inter   1-bit student initialised from fp-pred, intermediate KD
+    1bit-pred    1-bit student, prediction KD
+
+Gradients come from the rate surrogate; with the ASR swap on, a no-grad spiking simulation gives
+the values every loss sees (`SpikingBert.surrogate(snn_rates=...)`). Losses, TinyBERT-style:
+attention-score MSE between student block k and teacher layer map[k] (pre-softmax, padded entries
+zeroed), hidden-state MSE through one shared learned projection over the embedding and block
+outputs, then soft cross-entropy on logits at temperature 1 (MSE to gold for regression).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .data import collate, get_task, load_glue, load_tokenizer, tokenize
+from .engine import select_device
+from .metrics import compute_metrics
+from .model import SpikingBert
+from .teacher import load_teacher, teacher_path
+from .train import DistInfo, JsonLog, init_distributed, linear_warmup_schedule, run_loop
+
+STUDENT_STAGES = ("fp-inter", "fp-pred", "1bit-inter", "1bit-pred")
+
+
+@dataclass
+class TrainArgs:
+    task: str
+    out: Path
+    glue_dir: str | None = None
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 32
+    lr: float = 5e-5
+    seed: int = 0
+    timesteps: int = 32
+    backend: str = "auto"
+    resume: bool = False
+    max_length: int = 64
+    device: str | None = None
+    save_every: int = 200
+    eval_every: int = 0
+
+
+def _device_batch(encoded, indices, device):
+    return {k: v.to(device) for k, v in collate(encoded, indices).items()}
+
+
+def total_steps(args: TrainArgs, n_examples: int, info: DistInfo) -> int:
+    per_epoch = n_examples // (args.batch_size * info.world) or 1
+    if args.max_steps is not None:
+        return args.max_steps
+    return max(1, round(args.epochs * per_epoch))
+
+
+# -- teacher ------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def evaluate_teacher(teacher, task, encoded, device, batch_size: int = 64) -> dict:
+    from .data import bucket_batches
+
+    spec = get_task(task)
+    teacher.eval()
+    preds, labels = [], []
+    for idx in bucket_batches([len(x) for x in encoded.input_ids], batch_size):
+        b = _device_batch(encoded, idx, device)
+        logits = (
+            teacher(
+                input_ids=b["input_ids"],
+                attention_mask=b["attention_mask"],
+                token_type_ids=b["token_type_ids"],
+            )
+            .logits.float()
+            .cpu()
+        )
+        preds.append(logits[:, 0] if spec.is_regression else logits.argmax(-1))
+        labels.append(b["labels"].cpu())
+    return compute_metrics(spec.name, torch.cat(preds).numpy(), torch.cat(labels).numpy())
+
+
+def finetune_teacher(args: TrainArgs, teacher: str | None = None) -> dict:
+    """Fine-tune a BERT teacher on a GLUE task; saves `<out>` (transformers folder) and
+    `<out>/teacher_results.json` with its dev metrics."""
+    device = select_device(args.device)
+    info = init_distributed(device)
+    torch.manual_seed(args.seed)
+    spec = get_task(args.task)
+    tokenizer = load_tokenizer(teacher_path(teacher))
+    train = tokenize(
+        load_glue(spec.name, "train", args.glue_dir), spec.name, tokenizer, args.max_length
+    )
+    dev = tokenize(load_glue(spec.name, "dev", args.glue_dir), spec.name, tokenizer, 128)
+    model = load_teacher(teacher, spec.num_labels).to(device)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if info.world > 1 else model
+    steps = total_steps(args, len(train), info)
+    no_decay = ("bias", "LayerNorm.weight")
+    groups = [
+        {
+            "params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
+            "weight_decay": 0.01,
+        },
+        {
+            "params": [p for n, p in model.named_parameters() if n.endswith(no_decay)],
+            "weight_decay": 0.0,
+        },
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    scheduler = linear_warmup_schedule(optimizer, steps, 0.06)
+    out = Path(args.out)
+    log = JsonLog(out, info.main)
+
+    def step_fn(indices, step):
+        b = _device_batch(train, indices, device)
+        result = ddp(
+            input_ids=b["input_ids"],
+            attention_mask=b["attention_mask"],
+            token_type_ids=b["token_type_ids"],
+            labels=b["labels"],
+        )
+        result.loss.backward()
+        return {"loss": result.loss.item()}
+
+    metrics = run_loop(
+        out=out,
+        module=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        step_fn=step_fn,
+        lengths=train.lengths,
+        batch_size=args.batch_size,
+        total_steps=steps,
+        seed=args.seed,
+        info=info,
+        resume=args.resume,
+        save_every=args.save_every,
+        eval_fn=lambda step: evaluate_teacher(model, spec.name, dev, device),
+        eval_every=args.eval_every,
+        desc=f"teacher {spec.name}",
+        log=log,
+    )
+    if metrics is None:  # resumed after the last step: nothing was evaluated
+        metrics = evaluate_teacher(model, spec.name, dev, device)
+    if info.main:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        result = {
+            "task": spec.name,
+            "teacher": teacher_path(teacher),
+            "steps": steps,
+            **{f"teacher_{k}": v for k, v in metrics.items()},
+        }
+        (out / "teacher_results.json").write_text(json.dumps(result, indent=2) + "\n")
+        log(event="teacher_done", **result)
+    return metrics
+
+
+# -- student ------------------------------------------------------------------------------------
+
+DEFAULT_LAYER_MAP = (0, 1, 3, 5)
+
+
+def student_config(
+    teacher_config, num_layers: int, binary: bool, num_labels: int, t_conv: int
+) -> ModelConfig:
+    return ModelConfig(
+        num_layers=num_layers,
+        hidden_size=teacher_config.hidden_size,
+        num_heads=teacher_config.num_attention_heads,
+        intermediate_size=teacher_config.intermediate_size,
+        vocab_size=teacher_config.vocab_size,
+        max_position_embeddings=teacher_config.max_position_embeddings,
+        type_vocab_size=teacher_config.type_vocab_size,
+        layer_norm_eps=teacher_config.layer_norm_eps,
+        num_labels=num_labels,
+        binary=binary,
+        t_conv=t_conv,
+    )
+
+
+@torch.no_grad()
+def init_student_from_teacher(teacher, layer_map, binary: bool, t_conv: int) -> SpikingBert:
+    """A spiking student with the teacher's embeddings, the layers in `layer_map` and its
+    classifier (which the student applies to the [CLS] O2 rate instead of the pooler output)."""
+    cfg = student_config(teacher.config, len(layer_map), binary, teacher.config.num_labels, t_conv)
+    student = SpikingBert(cfg)
+    bert = teacher.bert
+    student.embeddings.load_state_dict(bert.embeddings.state_dict(), strict=False)
+    pairs = {
+        "q_proj": "attention.self.query",
+        "k_proj": "attention.self.key",
+        "v_proj": "attention.self.value",
+        "o_proj": "attention.output.dense",
+        "ffn1": "intermediate.dense",
+        "ffn2": "output.dense",
+        "ln_o1": "attention.output.LayerNorm",
+        "ln_o2": "output.LayerNorm",
+    }
+    for block, t_index in zip(student.layers, layer_map, strict=True):
+        layer = bert.encoder.layer[t_index]
+        for mine, theirs in pairs.items():
+            source = layer.get_submodule(theirs)
+            target = getattr(block, mine)
+            target.weight.copy_(source.weight)
+            target.bias.copy_(source.bias)
+    student.classifier.load_state_dict(teacher.classifier.state_dict())
+    return student
+
+
+class TeacherTaps:
+    """Teacher outputs for KD: logits, hidden states and pre-softmax attention scores of the
+    mapped layers (captured from the query/key projections by forward hooks)."""
+
+    def __init__(self, teacher, layers):
+        self.teacher, self.layers, self._qk = teacher, list(layers), {}
+        self.heads = teacher.config.num_attention_heads
+        for i in self.layers:
+            attn = teacher.bert.encoder.layer[i].attention.self
+            attn.query.register_forward_hook(self._hook(i, "q"))
+            attn.key.register_forward_hook(self._hook(i, "k"))
+
+    def _hook(self, layer, which):
+        def hook(module, args, output):
+            self._qk[(layer, which)] = output
+
+        return hook
+
+    @torch.no_grad()
+    def __call__(self, batch):
+        out = self.teacher(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"],
+            output_hidden_states=True,
+        )
+        scores = []
+        for i in self.layers:
+            q, k = self._qk[(i, "q")], self._qk[(i, "k")]
+            B, N, D = q.shape
+            d = D // self.heads
+            q = q.view(B, N, self.heads, d).transpose(1, 2)  # [B, h, N, d]
+            k = k.view(B, N, self.heads, d).transpose(1, 2)  # [B, h, N, d]
+            scores.append(q @ k.transpose(-1, -2) / d**0.5)  # [B, h, N, N]
+        self._qk.clear()
+        return out.logits, out.hidden_states, scores
+
+
+class DistillModule(nn.Module):
+    """The trainable part of distillation: the student and the shared hidden-state projection."""
+
+    def __init__(self, student: SpikingBert, teacher_hidden: int):
+        super().__init__()
+        self.student = student
+        self.proj = nn.Linear(student.config.hidden_size, teacher_hidden)
+
+    def forward(self, batch, snn_rates=None, intermediate: bool = False):
+        out = self.student.surrogate(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["token_type_ids"],
+            snn_rates=snn_rates,
+            output_attention_scores=intermediate,
+            output_hidden_states=intermediate,
+        )
+        hidden = [self.proj(h) for h in out.hidden_states] if intermediate else None
+        return out.logits, out.attention_scores, hidden
+
+
+def attention_kd_loss(student_scores, teacher_scores, attention_mask):
+    """MSE of pre-softmax scores with every entry involving a padded token zeroed."""
+    m = attention_mask.bool()
+    valid = m[:, None, :, None] & m[:, None, None, :]  # [B, 1, N, N]
+    losses = [
+        F.mse_loss(s.masked_fill(~valid, 0.0), t.masked_fill(~valid, 0.0))
+        for s, t in zip(student_scores, teacher_scores, strict=True)
+    ]
+    return sum(losses) / len(losses)
+
+
+def hidden_kd_loss(student_hidden, teacher_hidden, attention_mask):
+    """MSE over real tokens between projected student states and teacher hidden states."""
+    m = attention_mask.bool()
+    losses = [F.mse_loss(s[m], t[m]) for s, t in zip(student_hidden, teacher_hidden, strict=True)]
+    return sum(losses) / len(losses)
+
+
+def prediction_kd_loss(student_logits, teacher_logits, labels, regression: bool):
+    """Soft cross-entropy at temperature 1 (MSE to the gold score for regression)."""
+    if regression:
+        return F.mse_loss(student_logits[:, 0], labels.float())
+    return -(F.softmax(teacher_logits, -1) * F.log_softmax(student_logits, -1)).sum(-1).mean()
+
+
+def fastest_backend(device: torch.device) -> str:
+    """The fastest backend that can simulate here: triton on CUDA, else cpu if it builds, else
+    the multi-step reference. Training logs which one it uses."""
+    from .engine import require_backend
+    from .model import BackendUnavailableError
+
+    for name in (("triton",) if device.type == "cuda" else ()) + ("cpu",):
+        try:
+            require_backend(name)
+            return name
+        except BackendUnavailableError:
+            continue
+    return "torch"
+
+
+def _stage_flags(stage: str) -> tuple[bool, bool]:
+    """(binary, intermediate) for a student stage name."""
+    if stage not in STUDENT_STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose from {', '.join(STUDENT_STAGES)}")
+    return stage.startswith("1bit"), stage.endswith("inter")
+
+
+def distill(
+    args: TrainArgs,
+    teacher_dir,
+    *,
+    stages=STUDENT_STAGES,
+    layer_map=DEFAULT_LAYER_MAP,
+    t_conv: int | None = None,
+    swap_after: float = 0.0,
+) -> dict:
+    """Run the student stages in order; each writes `<out>/<stage>/` (a spikeinfer checkpoint)
+    and is skipped on --resume once finished. `swap_after` is the fraction of every stage's steps
+    trained on the surrogate alone before the ASR swap starts (0: swap throughout)."""
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .engine import evaluate, resolve_backend
+    from .teacher import load_teacher as _load
+
+    device = select_device(args.device)
+    info = init_distributed(device)
+    spec = get_task(args.task)
+    out_root = Path(args.out)
+    teacher = _load(str(teacher_dir), spec.num_labels).to(device).eval()
+    taps = TeacherTaps(teacher, layer_map)
+    tokenizer = load_tokenizer(str(teacher_dir))
+    train = tokenize(
+        load_glue(spec.name, "train", args.glue_dir), spec.name, tokenizer, args.max_length
+    )
+    sim_backend = (
+        fastest_backend(device) if args.backend == "auto" else resolve_backend(args.backend)
+    )
+    t_conv = t_conv or {"sst2": 85, "mrpc": 110, "qnli": 110, "qqp": 80, "mnli": 140}.get(
+        spec.name, 85
+    )
+    log = JsonLog(out_root, info.main)
+    log(
+        event="distill_start",
+        task=spec.name,
+        stages=list(stages),
+        backend=sim_backend,
+        timesteps=args.timesteps,
+        layer_map=list(layer_map),
+    )
+    previous = None
+    results = {}
+    for stage in stages:
+        binary, intermediate = _stage_flags(stage)
+        stage_dir = out_root / stage
+        if args.resume and (stage_dir / "config.json").exists():
+            previous = stage_dir
+            results[stage] = load_checkpoint(stage_dir).checkpoint_meta.get("metrics", {})
+            log(event="stage_skipped", stage=stage, reason="finished earlier")
+            continue
+        torch.manual_seed(args.seed)
+        if previous is None:
+            student = init_student_from_teacher(teacher, layer_map, binary, t_conv)
+        else:
+            source = load_checkpoint(previous, device)
+            student = init_student_from_teacher(teacher, layer_map, binary, t_conv)
+            student.load_state_dict(_latent_state(source), strict=False)
+        student.to(device).to_backend(sim_backend)
+        module = DistillModule(student, teacher.config.hidden_size).to(device)
+        ddp = torch.nn.parallel.DistributedDataParallel(module) if info.world > 1 else module
+        steps = total_steps(args, len(train), info)
+        optimizer = torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=0.01)
+        scheduler = linear_warmup_schedule(optimizer, steps, 0.06)
+        swap_from = int(swap_after * steps)
+        t_index = [0] + [i + 1 for i in layer_map]  # teacher hidden state of each student state
+
+        def step_fn(
+            indices,
+            step,
+            student=student,
+            ddp=ddp,
+            intermediate=intermediate,
+            swap_from=swap_from,
+            t_index=t_index,
+        ):
+            b = _device_batch(train, indices, device)
+            t_logits, t_hidden, t_scores = taps(b)
+            snn_rates = None
+            if step >= swap_from:
+                with torch.no_grad():
+                    snn_rates = student(
+                        b["input_ids"],
+                        b["attention_mask"],
+                        b["token_type_ids"],
+                        timesteps=args.timesteps,
+                    ).rates
+            logits, scores, hidden = ddp(b, snn_rates, intermediate)
+            if intermediate:
+                att = attention_kd_loss(scores, t_scores, b["attention_mask"])
+                hid = hidden_kd_loss(hidden, [t_hidden[i] for i in t_index], b["attention_mask"])
+                loss = att + hid
+                parts = {"att": att.item(), "hid": hid.item()}
+            else:
+                loss = prediction_kd_loss(logits, t_logits, b["labels"], spec.is_regression)
+                parts = {}
+            loss.backward()
+            return {"loss": loss.item(), **parts}
+
+        def eval_fn(step, student=student):
+            r = evaluate(
+                student,
+                spec.name,
+                glue_dir=args.glue_dir,
+                timesteps=args.timesteps,
+                batch_size=64,
+                tokenizer=tokenizer,
+                progress=False,
+            )
+            surrogate = evaluate_surrogate(student, spec.name, args.glue_dir, tokenizer, device)
+            return {
+                "snn": {k: r[k] for k in spec.metrics},
+                "timesteps": args.timesteps,
+                "surrogate": surrogate,
+            }
+
+        metrics = run_loop(
+            out=stage_dir,
+            module=module,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            step_fn=step_fn,
+            lengths=train.lengths,
+            batch_size=args.batch_size,
+            total_steps=steps,
+            seed=args.seed,
+            info=info,
+            resume=args.resume,
+            save_every=args.save_every,
+            eval_fn=eval_fn,
+            eval_every=args.eval_every,
+            desc=f"{spec.name} {stage}",
+            log=log,
+        )
+        if info.main:
+            save_checkpoint(
+                student,
+                stage_dir,
+                task=spec.name,
+                label_names=list(spec.label_names),
+                metrics=metrics or {},
+                provenance={
+                    "stage": stage,
+                    "teacher": str(teacher_dir),
+                    "layer_map": list(layer_map),
+                    "steps": steps,
+                    "train_timesteps": args.timesteps,
+                    "lr": args.lr,
+                    "batch_size": args.batch_size,
+                    "seed": args.seed,
+                },
+            )
+        results[stage] = metrics
+        previous = stage_dir
+    return results
+
+
+def _latent_state(model: SpikingBert) -> dict:
+    """State dict whose projection weights are latent full-precision tensors (a 1-bit frozen
+    projection contributes alpha * sign)."""
+    state = model.state_dict()
+    for l, block in enumerate(model.layers):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "ffn1", "ffn2"):
+            proj = getattr(block, name)
+            if proj.frozen:
+                state[f"layers.{l}.{name}.weight"] = proj.alpha[:, None] * proj.signs
+                state.pop(f"layers.{l}.{name}.signs", None)
+                state.pop(f"layers.{l}.{name}.alpha", None)
+    return state
+
+
+@torch.inference_mode()
+def evaluate_surrogate(
+    student: SpikingBert, task, glue_dir, tokenizer, device, batch_size: int = 64
+) -> dict:
+    """Dev metrics of the rate surrogate alone (no spiking simulation)."""
+    from .data import bucket_batches
+
+    spec = get_task(task)
+    dev = tokenize(load_glue(spec.name, "dev", glue_dir), spec.name, tokenizer, 128)
+    preds, labels = [], []
+    for idx in bucket_batches([len(x) for x in dev.input_ids], batch_size):
+        b = _device_batch(dev, idx, device)
+        logits = (
+            student.surrogate(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+            .logits.float()
+            .cpu()
+        )
+        preds.append(logits[:, 0] if spec.is_regression else logits.argmax(-1))
+        labels.append(b["labels"].cpu())
+    return compute_metrics(spec.name, torch.cat(preds).numpy(), torch.cat(labels).numpy())
