@@ -121,12 +121,32 @@ def _add_training_flags(p, *, lr: float, timesteps: int | None = 32):
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at end)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument(
+        "--train-limit",
+        type=int,
+        default=None,
+        help="train on the first N training examples (smoke runs)",
+    )
+    p.add_argument(
+        "--eval-limit",
+        type=int,
+        default=None,
+        help="evaluate on the first N dev examples (smoke runs)",
+    )
 
 
 def _train_args(args):
     from .distill import TrainArgs
 
-    for name in ("batch_size", "timesteps", "max_steps", "max_length", "save_every"):
+    for name in (
+        "batch_size",
+        "timesteps",
+        "max_steps",
+        "max_length",
+        "save_every",
+        "train_limit",
+        "eval_limit",
+    ):
         _positive(name.replace("_", "-"), getattr(args, name))
     if args.epochs <= 0:
         raise SystemExit(f"spikeinfer: error: --epochs must be > 0, got {args.epochs}")
@@ -146,6 +166,8 @@ def _train_args(args):
         device=args.device,
         save_every=args.save_every,
         eval_every=args.eval_every,
+        train_limit=args.train_limit,
+        eval_limit=args.eval_limit,
     )
 
 

@@ -53,6 +53,8 @@ class TrainArgs:
     device: str | None = None
     save_every: int = 200
     eval_every: int = 0
+    train_limit: int | None = None
+    eval_limit: int | None = None
 
 
 def _device_batch(encoded, indices, device):
@@ -69,27 +71,44 @@ def total_steps(args: TrainArgs, n_examples: int, info: DistInfo) -> int:
 # -- teacher ------------------------------------------------------------------------------------
 
 
+def load_split(spec, split: str, args: TrainArgs, tokenizer, max_length: int, limit=None):
+    """Tokenised GLUE split, the first `limit` examples when a limit is given."""
+    dataset = load_glue(spec.name, split, args.glue_dir)
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return tokenize(dataset, spec.name, tokenizer, max_length)
+
+
 @torch.inference_mode()
-def evaluate_teacher(teacher, task, encoded, device, batch_size: int = 64) -> dict:
+def dev_metrics(logits_fn, task, encoded, device, batch_size: int = 64) -> dict:
+    """Task metrics of `logits_fn(batch) -> logits` over a tokenised split."""
     from .data import bucket_batches
 
     spec = get_task(task)
-    teacher.eval()
     preds, labels = [], []
-    for idx in bucket_batches([len(x) for x in encoded.input_ids], batch_size):
+    for idx in bucket_batches(encoded.lengths, batch_size):
         b = _device_batch(encoded, idx, device)
-        logits = (
-            teacher(
-                input_ids=b["input_ids"],
-                attention_mask=b["attention_mask"],
-                token_type_ids=b["token_type_ids"],
-            )
-            .logits.float()
-            .cpu()
-        )
+        logits = logits_fn(b).float().cpu()
         preds.append(logits[:, 0] if spec.is_regression else logits.argmax(-1))
         labels.append(b["labels"].cpu())
     return compute_metrics(spec.name, torch.cat(preds).numpy(), torch.cat(labels).numpy())
+
+
+def teacher_logits(teacher):
+    teacher.eval()
+    return lambda b: (
+        teacher(
+            input_ids=b["input_ids"],
+            attention_mask=b["attention_mask"],
+            token_type_ids=b["token_type_ids"],
+        ).logits
+    )
+
+
+def surrogate_logits(student):
+    return lambda b: (
+        student.surrogate(b["input_ids"], b["attention_mask"], b["token_type_ids"]).logits
+    )
 
 
 def finetune_teacher(args: TrainArgs, teacher: str | None = None) -> dict:
@@ -100,10 +119,8 @@ def finetune_teacher(args: TrainArgs, teacher: str | None = None) -> dict:
     torch.manual_seed(args.seed)
     spec = get_task(args.task)
     tokenizer = load_tokenizer(teacher_path(teacher))
-    train = tokenize(
-        load_glue(spec.name, "train", args.glue_dir), spec.name, tokenizer, args.max_length
-    )
-    dev = tokenize(load_glue(spec.name, "dev", args.glue_dir), spec.name, tokenizer, 128)
+    train = load_split(spec, "train", args, tokenizer, args.max_length, args.train_limit)
+    dev = load_split(spec, "dev", args, tokenizer, 128, args.eval_limit)
     model = load_teacher(teacher, spec.num_labels).to(device)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if info.world > 1 else model
     steps = total_steps(args, len(train), info)
@@ -147,13 +164,13 @@ def finetune_teacher(args: TrainArgs, teacher: str | None = None) -> dict:
         info=info,
         resume=args.resume,
         save_every=args.save_every,
-        eval_fn=lambda step: evaluate_teacher(model, spec.name, dev, device),
+        eval_fn=lambda step: dev_metrics(teacher_logits(model), spec.name, dev, device),
         eval_every=args.eval_every,
         desc=f"teacher {spec.name}",
         log=log,
     )
     if metrics is None:  # resumed after the last step: nothing was evaluated
-        metrics = evaluate_teacher(model, spec.name, dev, device)
+        metrics = dev_metrics(teacher_logits(model), spec.name, dev, device)
     if info.main:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
@@ -349,9 +366,8 @@ def distill(
     teacher = _load(str(teacher_dir), spec.num_labels).to(device).eval()
     taps = TeacherTaps(teacher, layer_map)
     tokenizer = load_tokenizer(str(teacher_dir))
-    train = tokenize(
-        load_glue(spec.name, "train", args.glue_dir), spec.name, tokenizer, args.max_length
-    )
+    train = load_split(spec, "train", args, tokenizer, args.max_length, args.train_limit)
+    dev = load_split(spec, "dev", args, tokenizer, 128, args.eval_limit)
     sim_backend = (
         fastest_backend(device) if args.backend == "auto" else resolve_backend(args.backend)
     )
@@ -386,9 +402,13 @@ def distill(
             student.load_state_dict(_latent_state(source), strict=False)
         student.to(device).to_backend(sim_backend)
         module = DistillModule(student, teacher.config.hidden_size).to(device)
+        # The projection only serves intermediate KD; DDP needs every trainable tensor used.
+        module.proj.requires_grad_(intermediate)
         ddp = torch.nn.parallel.DistributedDataParallel(module) if info.world > 1 else module
         steps = total_steps(args, len(train), info)
-        optimizer = torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=0.01)
+        optimizer = torch.optim.AdamW(
+            [q for q in module.parameters() if q.requires_grad], lr=args.lr, weight_decay=0.01
+        )
         scheduler = linear_warmup_schedule(optimizer, steps, 0.06)
         swap_from = int(swap_after * steps)
         t_index = [0] + [i + 1 for i in layer_map]  # teacher hidden state of each student state
@@ -434,8 +454,9 @@ def distill(
                 batch_size=64,
                 tokenizer=tokenizer,
                 progress=False,
+                limit=args.eval_limit,
             )
-            surrogate = evaluate_surrogate(student, spec.name, args.glue_dir, tokenizer, device)
+            surrogate = dev_metrics(surrogate_logits(student), spec.name, dev, device)
             return {
                 "snn": {k: r[k] for k in spec.metrics},
                 "timesteps": args.timesteps,
@@ -495,25 +516,3 @@ def _latent_state(model: SpikingBert) -> dict:
                 state.pop(f"layers.{l}.{name}.signs", None)
                 state.pop(f"layers.{l}.{name}.alpha", None)
     return state
-
-
-@torch.inference_mode()
-def evaluate_surrogate(
-    student: SpikingBert, task, glue_dir, tokenizer, device, batch_size: int = 64
-) -> dict:
-    """Dev metrics of the rate surrogate alone (no spiking simulation)."""
-    from .data import bucket_batches
-
-    spec = get_task(task)
-    dev = tokenize(load_glue(spec.name, "dev", glue_dir), spec.name, tokenizer, 128)
-    preds, labels = [], []
-    for idx in bucket_batches([len(x) for x in dev.input_ids], batch_size):
-        b = _device_batch(dev, idx, device)
-        logits = (
-            student.surrogate(b["input_ids"], b["attention_mask"], b["token_type_ids"])
-            .logits.float()
-            .cpu()
-        )
-        preds.append(logits[:, 0] if spec.is_regression else logits.argmax(-1))
-        labels.append(b["labels"].cpu())
-    return compute_metrics(spec.name, torch.cat(preds).numpy(), torch.cat(labels).numpy())

@@ -1,0 +1,287 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import batch, firing_model
+
+from spikeinfer.distill import (
+    DistillModule,
+    TeacherTaps,
+    TrainArgs,
+    attention_kd_loss,
+    distill,
+    hidden_kd_loss,
+    init_student_from_teacher,
+    prediction_kd_loss,
+)
+from spikeinfer.teacher import default_teacher_path
+from spikeinfer.train import DistInfo, linear_warmup_schedule, run_loop
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE = Path(os.environ.get("SPIKEINFER_GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
+needs_glue = pytest.mark.skipif(
+    not (GLUE / "SST-2" / "train.tsv").exists(), reason=f"GLUE data not found at {GLUE}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """A 2-layer random BERT with the real WordPiece tokenizer, saved like a fine-tuned teacher."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+    )
+    path = tmp_path_factory.mktemp("teacher")
+    BertForSequenceClassification(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(default_teacher_path()).save_pretrained(path)
+    return path
+
+
+def test_student_init_copies_teacher_layers(tiny_teacher):
+    from transformers import AutoModelForSequenceClassification
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(tiny_teacher)
+    student = init_student_from_teacher(teacher, [1], binary=False, t_conv=8)
+    assert student.config.num_layers == 1 and student.config.hidden_size == 32
+    layer = teacher.bert.encoder.layer[1]
+    assert torch.equal(student.layers[0].ffn1.weight, layer.intermediate.dense.weight)
+    assert torch.equal(student.layers[0].ln_o1.bias, layer.attention.output.LayerNorm.bias)
+    assert torch.equal(
+        student.embeddings.word_embeddings.weight, teacher.bert.embeddings.word_embeddings.weight
+    )
+
+
+def test_teacher_scores_match_attention_probabilities(tiny_teacher):
+    from transformers import AutoModelForSequenceClassification
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(
+        tiny_teacher, attn_implementation="eager"
+    ).eval()
+    taps = TeacherTaps(teacher, [0, 1])
+    ids = torch.randint(1000, 2000, (2, 6))
+    b = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "token_type_ids": torch.zeros_like(ids),
+    }
+    _, hidden, scores = taps(b)
+    with torch.no_grad():
+        probs = teacher(input_ids=ids, output_attentions=True).attentions
+    assert len(hidden) == 3
+    for s, p in zip(scores, probs, strict=True):
+        assert torch.allclose(torch.softmax(s, -1), p, atol=1e-5)
+
+
+def test_kd_losses_ignore_padding():
+    mask = torch.tensor([[1, 1, 0]])
+    s, t = torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 3, 3)
+    t[..., 2] = 100.0  # only entries touching the padded token differ
+    assert attention_kd_loss([s], [t], mask).item() == 0.0
+    hs, ht = torch.zeros(1, 3, 4), torch.zeros(1, 3, 4)
+    ht[0, 2] = 5.0
+    assert hidden_kd_loss([hs], [ht], mask).item() == 0.0
+    logits = torch.tensor([[2.0, -1.0]])
+    assert prediction_kd_loss(logits, logits, None, False).item() == pytest.approx(
+        -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum().item()
+    )
+    assert prediction_kd_loss(torch.tensor([[1.5]]), None, torch.tensor([2.0]), True).item() == 0.25
+
+
+def test_asr_swap_forward_values_backward_surrogate():
+    """The swapped rates carry the SNN's values but the surrogate's gradients."""
+    model = firing_model(seed=1)
+    ids, mask, types = batch(1)
+    with torch.no_grad():
+        snn = model(ids, mask, types, timesteps=5)
+    ln = model.embeddings.LayerNorm.weight
+    swapped = model.surrogate(ids, mask, types, snn_rates=snn.rates)
+    assert torch.equal(swapped.rates["emb"].detach(), snn.rates["emb"])
+    (g_swap,) = torch.autograd.grad(swapped.rates["emb"].sum(), ln)
+    plain = model.surrogate(ids, mask, types)
+    (g_plain,) = torch.autograd.grad(plain.rates["emb"].sum(), ln)
+    assert torch.equal(g_swap, g_plain) and g_plain.abs().sum() > 0
+
+
+def test_ste_reaches_latent_weights_of_1bit_student():
+    model = firing_model(seed=2)
+    ids, mask, types = batch(2)
+    out = model.surrogate(ids, mask, types)
+    out.logits.sum().backward()
+    for block in model.layers:
+        for proj in (
+            block.q_proj,
+            block.k_proj,
+            block.v_proj,
+            block.o_proj,
+            block.ffn1,
+            block.ffn2,
+        ):
+            assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+
+
+def test_few_distillation_steps_lower_the_kd_loss(tiny_teacher):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    teacher = AutoModelForSequenceClassification.from_pretrained(tiny_teacher).eval()
+    student = init_student_from_teacher(teacher, [0, 1], binary=True, t_conv=8)
+    student.layers[1].ffn2.bias.data += 0.5  # start away from the teacher
+    module = DistillModule(student, 32)
+    taps = TeacherTaps(teacher, [0, 1])
+    ids = torch.randint(1000, 3000, (8, 10))
+    b = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "token_type_ids": torch.zeros_like(ids),
+        "labels": torch.zeros(8, dtype=torch.long),
+    }
+    opt = torch.optim.Adam(module.parameters(), lr=3e-3)
+
+    def loss_now():
+        t_logits, t_hidden, t_scores = taps(b)
+        with torch.no_grad():
+            rates = student(ids, timesteps=4).rates
+        logits, scores, hidden = module(b, rates, intermediate=True)
+        return attention_kd_loss(scores, t_scores, b["attention_mask"]) + hidden_kd_loss(
+            hidden, list(t_hidden), b["attention_mask"]
+        )
+
+    first = loss_now()
+    for _ in range(15):
+        opt.zero_grad()
+        loss = loss_now()
+        loss.backward()
+        opt.step()
+    assert loss_now().item() < 0.8 * first.item()
+
+
+def test_resume_replays_the_same_step_sequence(tmp_path):
+    lengths = [3, 5, 2, 7, 4, 4, 6, 1, 9, 8, 2, 3]
+
+    def train(out, stop_at=None, resume=False):
+        torch.manual_seed(0)
+        module = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(module.parameters(), lr=0.1)
+        sched = linear_warmup_schedule(opt, 10, 0.1)
+        seen = []
+
+        def step_fn(indices, step):
+            if step == stop_at:
+                raise KeyboardInterrupt
+            seen.append((step, list(indices)))
+            x = torch.tensor([[float(i) for i in indices[:1] * 4]])
+            loss = (module(x) - torch.randn(1)).pow(2).sum()
+            loss.backward()
+            return {"loss": loss.item()}
+
+        try:
+            run_loop(
+                out=out,
+                module=module,
+                optimizer=opt,
+                scheduler=sched,
+                step_fn=step_fn,
+                lengths=lengths,
+                batch_size=4,
+                total_steps=10,
+                seed=3,
+                info=DistInfo(),
+                resume=resume,
+                save_every=1,
+            )
+        except KeyboardInterrupt:
+            pass
+        return seen, module.weight.detach().clone()
+
+    full, w_full = train(tmp_path / "a")
+    first, _ = train(tmp_path / "b", stop_at=6)
+    rest, w_resumed = train(tmp_path / "b", resume=True)
+    assert first + rest == full  # epochs of 3 batches: crosses two epoch boundaries
+    assert torch.equal(w_full, w_resumed)
+
+
+@needs_glue
+def test_distill_stages_and_resume(tiny_teacher, tmp_path):
+    args = TrainArgs(
+        task="sst2",
+        out=tmp_path / "run",
+        glue_dir=str(GLUE),
+        max_steps=2,
+        batch_size=4,
+        timesteps=2,
+        backend="torch",
+        train_limit=64,
+        eval_limit=16,
+        save_every=1,
+    )
+    results = distill(
+        args, tiny_teacher, stages=["fp-pred", "1bit-pred"], layer_map=[0, 1], t_conv=8
+    )
+    assert set(results) == {"fp-pred", "1bit-pred"}
+    assert "accuracy" in results["1bit-pred"]["snn"]
+    meta = json.loads((tmp_path / "run" / "1bit-pred" / "config.json").read_text())
+    assert meta["model"]["binary"] is True and meta["provenance"]["stage"] == "1bit-pred"
+    args.resume = True  # finished stages are skipped on resume
+    again = distill(args, tiny_teacher, stages=["fp-pred", "1bit-pred"], layer_map=[0, 1], t_conv=8)
+    assert again["1bit-pred"] == results["1bit-pred"]
+
+
+@needs_glue
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_torchrun_two_gloo_processes(tiny_teacher, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        "torchrun",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "spikeinfer",
+        "distill",
+        "--task",
+        "sst2",
+        "--glue-dir",
+        str(GLUE),
+        "--teacher",
+        str(tiny_teacher),
+        "--out",
+        str(tmp_path / "ddp"),
+        "--stages",
+        "fp-pred",
+        "--layers",
+        "0,1",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--timesteps",
+        "2",
+        "--backend",
+        "torch",
+        "--train-limit",
+        "64",
+        "--eval-limit",
+        "8",
+        "--t-conv",
+        "8",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert any(r["event"] == "eval" for r in log)
+    assert (tmp_path / "ddp" / "fp-pred" / "model.safetensors").exists()
+    assert sys.executable  # the workers ran with this interpreter's packages
