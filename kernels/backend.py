@@ -44,8 +44,10 @@ def _int8_signs(model, proj) -> tuple[torch.Tensor, torch.Tensor]:
     signs, alpha = proj.binary_weights()
     per_model = _WEIGHT_CACHE.setdefault(model, {})
     entry = per_model.get(id(proj))
-    if entry is None or entry[0]() is not signs or entry[1] != signs._version:
-        entry = (weakref.ref(signs), signs._version, signs.detach().to(torch.int8).contiguous())
+    # Inference tensors (made under torch.inference_mode) carry no version counter.
+    version = -1 if signs.is_inference() else signs._version
+    if entry is None or entry[0]() is not signs or entry[1] != version:
+        entry = (weakref.ref(signs), version, signs.detach().to(torch.int8).contiguous())
         per_model[id(proj)] = entry
     return entry[2], alpha.detach().float().contiguous()
 
@@ -90,17 +92,28 @@ def _check_usable(model, device: torch.device):
     if device.type != "cuda" and not interpreting():
         raise BackendUnavailableError(
             f"the triton backend needs the model on a CUDA device (it is on {device}); "
-            f"call model.to('cuda') or set TRITON_INTERPRET=1 to run the kernels on CPU")
+            f"call model.to('cuda') or set TRITON_INTERPRET=1 to run the kernels on CPU"
+        )
     if not model.config.binary:
         raise BackendUnavailableError(
             "the triton backend runs 1-bit models only (config.binary=True); use the 'torch' "
-            "backend for full-precision students")
+            "backend for full-precision students"
+        )
 
 
-def simulate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             token_type_ids: torch.Tensor | None = None, *, mode: str = "unrolled",
-             timesteps=None, seed: int = 0, record_traces: bool = False, head_mask=None,
-             neuron_mask=None) -> SpikingOutput:
+def simulate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    token_type_ids: torch.Tensor | None = None,
+    *,
+    mode: str = "unrolled",
+    timesteps=None,
+    seed: int = 0,
+    record_traces: bool = False,
+    head_mask=None,
+    neuron_mask=None,
+) -> SpikingOutput:
     """Simulate `model` (a `spikeinfer.model.SpikingBert`) with the Triton kernels.
 
     Arguments and result as `SpikingBert.forward`: `timesteps` is an int T in unrolled mode
@@ -112,7 +125,8 @@ def simulate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     device = model.v_th.device
     _check_usable(model, device)
     input_ids, attention_mask, token_type_ids = model._check_inputs(
-        input_ids, attention_mask, token_type_ids)
+        input_ids, attention_mask, token_type_ids
+    )
     with torch.no_grad():
         E = model.embeddings(input_ids, token_type_ids).float()
         B, N, D = E.shape
@@ -128,8 +142,16 @@ def simulate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         else:
             if timesteps is not None:
                 model.set_timesteps(timesteps)
-            _sequential(model, E.reshape(B * N, D).contiguous(), mask_add, gates, rec, seed, B,
-                        record_traces)
+            _sequential(
+                model,
+                E.reshape(B * N, D).contiguous(),
+                mask_add,
+                gates,
+                rec,
+                seed,
+                B,
+                record_traces,
+            )
         rates = {name: rec.rate(name).view(B, N, -1) for name in rec.counts}
         asr = {name: mean_asr(r, valid) for name, r in rates.items()}
     logits = model.classifier(rates[f"{model.config.num_layers - 1}.O2"][:, 0])
@@ -138,6 +160,7 @@ def simulate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 
 def _layer_params(model, block):
     """Kernel arguments of one block: int8 signs, scales, biases, LayerNorm parameters."""
+
     def proj(p):
         signs, alpha = _int8_signs(model, p)
         return {"signs": signs, "alpha": alpha, "bias": _vec(p.bias)}
@@ -145,16 +168,25 @@ def _layer_params(model, block):
     def ln(norm):
         return {"ln_weight": _vec(norm.weight), "ln_bias": _vec(norm.bias), "ln_eps": norm.eps}
 
-    return (proj(block.q_proj), proj(block.k_proj), proj(block.v_proj), proj(block.o_proj),
-            proj(block.ffn1), proj(block.ffn2), ln(block.ln_o1), ln(block.ln_o2))
+    return (
+        proj(block.q_proj),
+        proj(block.k_proj),
+        proj(block.v_proj),
+        proj(block.o_proj),
+        proj(block.ffn1),
+        proj(block.ffn2),
+        ln(block.ln_o1),
+        ln(block.ln_o2),
+    )
 
 
 def _neuron_params(model):
     """index -> kernel neuron arguments; thresholds `model.threshold(i)` fetched in one transfer
     rather than one device sync per sublayer."""
     neuron = model.config.neuron
-    thresholds = torch.stack([model.threshold(i).detach().float()
-                              for i in range(model.config.num_sublayers)]).tolist()
+    thresholds = torch.stack(
+        [model.threshold(i).detach().float() for i in range(model.config.num_sublayers)]
+    ).tolist()
 
     def kwargs(index: int) -> dict:
         return {"v_th": thresholds[index], "leak": neuron.leak, "fire_on_ge": neuron.fire_on_ge}
@@ -178,19 +210,17 @@ def _unrolled(model, E, mask_add, gates, rec, T, B):
         s_v, counts = spike_linear(x, **v_p, epilogue="plain", **neuron(i + 1))
         rec.add(f"{l}.V", counts, T, s_v)
         q, _ = spike_linear(x, **q_p, epilogue="none")
-        s_a, counts = spiking_attention(q, s_k, s_v, mask_add, batch=B, head_dim=block.head_dim,
-                                        gate=head_gate, **neuron(i + 2))
+        s_a, counts = spiking_attention(
+            q, s_k, s_v, mask_add, batch=B, head_dim=block.head_dim, gate=head_gate, **neuron(i + 2)
+        )
         rec.add(f"{l}.A", counts, T, s_a)
         del q, s_k, s_v
-        s_o1, counts = spike_linear(s_a, **o_p, epilogue="ln", residual=x, **ln1,
-                                    **neuron(i + 3))
+        s_o1, counts = spike_linear(s_a, **o_p, epilogue="ln", residual=x, **ln1, **neuron(i + 3))
         rec.add(f"{l}.O1", counts, T, s_o1)
         del s_a
-        s_f, counts = spike_linear(s_o1, **f1_p, epilogue="gelu", gate=neuron_gate,
-                                   **neuron(i + 4))
+        s_f, counts = spike_linear(s_o1, **f1_p, epilogue="gelu", gate=neuron_gate, **neuron(i + 4))
         rec.add(f"{l}.F", counts, T, s_f)
-        x, counts = spike_linear(s_f, **f2_p, epilogue="ln", residual=s_o1, **ln2,
-                                 **neuron(i + 5))
+        x, counts = spike_linear(s_f, **f2_p, epilogue="ln", residual=s_o1, **ln2, **neuron(i + 5))
         rec.add(f"{l}.O2", counts, T, x)
 
 
@@ -202,8 +232,7 @@ def _sequential(model, E, mask_add, gates, rec, seed, B, traces):
     cfg = model.config
     neuron = _neuron_params(model)
     full_attention = cfg.num_heads * cfg.head_dim
-    spikes, counts = if_scan(E, timesteps=model.t_emb, write_spikes=traces,
-                             **neuron(0))
+    spikes, counts = if_scan(E, timesteps=model.t_emb, write_spikes=traces, **neuron(0))
     rec.add("emb", counts, model.t_emb, spikes)
     a_x = rec.rate("emb")
     for l, (block, (head_gate, neuron_gate)) in enumerate(zip(model.layers, gates, strict=True)):
@@ -214,12 +243,12 @@ def _sequential(model, E, mask_add, gates, rec, seed, B, traces):
         ffn_cols = block.kept_neurons
 
         def draw(rates, sub, inp, cols=None, full_width=None, l=l):
-            return DrawnSpikes(rates, seed, rng.stream_id(l, _SUB[sub], _IN[inp]), cols,
-                               full_width)
+            return DrawnSpikes(rates, seed, rng.stream_id(l, _SUB[sub], _IN[inp]), cols, full_width)
 
         def linear(name, index, steps, x, params, **kwargs):
-            spikes, counts = spike_linear(x, **params, timesteps=steps, write_spikes=traces,
-                                          **kwargs, **neuron(index))
+            spikes, counts = spike_linear(
+                x, **params, timesteps=steps, write_spikes=traces, **kwargs, **neuron(index)
+            )
             rec.add(name, counts, steps, spikes)
             return rec.rate(name)
 
@@ -227,17 +256,44 @@ def _sequential(model, E, mask_add, gates, rec, seed, B, traces):
         a_v = linear(f"{l}.V", i + 1, t_v, draw(a_x, "V", "x"), v_p, epilogue="plain")
         q, _ = spike_linear(draw(a_x, "A", "x"), **q_p, timesteps=t_a, epilogue="none")
         spikes, counts = spiking_attention(
-            q, a_k, a_v, mask_add, batch=B, head_dim=block.head_dim, gate=head_gate, seed=seed,
+            q,
+            a_k,
+            a_v,
+            mask_add,
+            batch=B,
+            head_dim=block.head_dim,
+            gate=head_gate,
+            seed=seed,
             k_stream=rng.stream_id(l, _SUB["A"], _IN["K"]),
-            v_stream=rng.stream_id(l, _SUB["A"], _IN["V"]), cols=attn_cols,
-            full_width=full_attention, write_spikes=traces, **neuron(i + 2))
+            v_stream=rng.stream_id(l, _SUB["A"], _IN["V"]),
+            cols=attn_cols,
+            full_width=full_attention,
+            write_spikes=traces,
+            **neuron(i + 2),
+        )
         rec.add(f"{l}.A", counts, t_a, spikes)
         del q
         a_a = rec.rate(f"{l}.A")
-        a_o1 = linear(f"{l}.O1", i + 3, t_o1, draw(a_a, "O1", "A", attn_cols, full_attention),
-                      o_p, epilogue="ln", residual=draw(a_x, "O1", "x"), **ln1)
-        a_f = linear(f"{l}.F", i + 4, t_f, draw(a_o1, "F", "O1"), f1_p, epilogue="gelu",
-                     gate=neuron_gate)
-        a_x = linear(f"{l}.O2", i + 5, t_o2,
-                     draw(a_f, "O2", "F", ffn_cols, cfg.intermediate_size), f2_p,
-                     epilogue="ln", residual=draw(a_o1, "O2", "O1"), **ln2)
+        a_o1 = linear(
+            f"{l}.O1",
+            i + 3,
+            t_o1,
+            draw(a_a, "O1", "A", attn_cols, full_attention),
+            o_p,
+            epilogue="ln",
+            residual=draw(a_x, "O1", "x"),
+            **ln1,
+        )
+        a_f = linear(
+            f"{l}.F", i + 4, t_f, draw(a_o1, "F", "O1"), f1_p, epilogue="gelu", gate=neuron_gate
+        )
+        a_x = linear(
+            f"{l}.O2",
+            i + 5,
+            t_o2,
+            draw(a_f, "O2", "F", ffn_cols, cfg.intermediate_size),
+            f2_p,
+            epilogue="ln",
+            residual=draw(a_o1, "O2", "O1"),
+            **ln2,
+        )

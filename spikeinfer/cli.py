@@ -243,6 +243,88 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def _add_validate(sub):
+    p = sub.add_parser(
+        "validate",
+        help="check a kernel backend against the reference",
+        description="Run the reference and a backend side by side on a GLUE dev "
+        "set; print per-sublayer flip fractions and prediction "
+        "agreement (DESIGN section 10 rules).",
+    )
+    p.add_argument("--backend", required=True, help="triton or cpu (or auto)")
+    p.add_argument("--model", required=True, help="checkpoint folder or bundled model name")
+    p.add_argument("--task", required=True)
+    p.add_argument("--glue-dir", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--mode", choices=("unrolled", "sequential"), default="unrolled")
+    p.add_argument("--timesteps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_validate)
+
+
+def cmd_validate(args) -> int:
+    from .engine import load
+    from .validate import format_validation, validate
+
+    for name in ("limit", "batch_size", "timesteps"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    model = load(args.model, device=args.device)
+    result = validate(
+        model,
+        args.task,
+        args.backend,
+        glue_dir=args.glue_dir,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        mode=args.mode,
+        timesteps=args.timesteps,
+        seed=args.seed,
+        progress=not args.json,
+    )
+    print(json.dumps(result) if args.json else format_validation(result))
+    return 0 if result["passed"] else 1
+
+
+def _add_bench(sub):
+    p = sub.add_parser(
+        "bench",
+        help="run the kernel and whole-model benchmarks",
+        description="Runs bench/bench_<backend>.py from the repository; the "
+        "remaining arguments are passed to it (see its --help).",
+    )
+    p.add_argument("--backend", default="auto", help="triton, cpu or auto")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    import runpy
+    from pathlib import Path
+
+    import torch
+
+    backend = args.backend
+    if backend == "auto":
+        backend = "triton" if torch.cuda.is_available() else "cpu"
+    if backend not in ("triton", "cpu"):
+        raise ValueError(f"spikeinfer bench has benchmarks for triton and cpu, not {backend!r}")
+    script = Path(__file__).resolve().parent.parent / "bench" / f"bench_{backend}.py"
+    if not script.exists():
+        raise FileNotFoundError(
+            f"{script} not found: spikeinfer bench runs from a source checkout (pip install -e .)"
+        )
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    sys.argv = [str(script), *rest]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spikeinfer",
@@ -254,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_finetune_teacher(sub)
     _add_distill(sub)
+    _add_validate(sub)
+    _add_bench(sub)
     return parser
 
 
