@@ -2,7 +2,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -228,15 +227,15 @@ def test_distill_stages_and_resume(tiny_teacher, tmp_path):
         eval_limit=16,
         save_every=1,
     )
-    results = distill(
-        args, tiny_teacher, stages=["fp-pred", "1bit-pred"], layer_map=[0, 1], t_conv=8
-    )
+    stages = ["fp-pred", "1bit-pred"]
+    kwargs = {"stages": stages, "layer_map": [0, 1], "t_conv": 8, "word_embeddings": "teacher"}
+    results = distill(args, tiny_teacher, **kwargs)
     assert set(results) == {"fp-pred", "1bit-pred"}
     assert "accuracy" in results["1bit-pred"]["snn"]
     meta = json.loads((tmp_path / "run" / "1bit-pred" / "config.json").read_text())
     assert meta["model"]["binary"] is True and meta["provenance"]["stage"] == "1bit-pred"
     args.resume = True  # finished stages are skipped on resume
-    again = distill(args, tiny_teacher, stages=["fp-pred", "1bit-pred"], layer_map=[0, 1], t_conv=8)
+    again = distill(args, tiny_teacher, **kwargs)
     assert again["1bit-pred"] == results["1bit-pred"]
 
 
@@ -279,10 +278,11 @@ def test_torchrun_two_gloo_processes(tiny_teacher, tmp_path):
         "8",
         "--t-conv",
         "8",
+        "--word-embeddings",
+        "teacher",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     assert any(r["event"] == "eval" for r in log)
     assert (tmp_path / "ddp" / "fp-pred" / "model.safetensors").exists()
-    assert sys.executable  # the workers ran with this interpreter's packages
