@@ -15,9 +15,15 @@ def _add_eval(sub):
         help="evaluate a spiking model on a GLUE dev set",
         description="Batched GLUE evaluation of a spiking checkpoint.",
     )
-    p.add_argument("--task", required=True, help="GLUE task (sst2, mrpc, cola, ...)")
     p.add_argument(
-        "--model", required=True, help="checkpoint folder or bundled model name (see models/)"
+        "--task",
+        required=True,
+        help="GLUE task (sst2, mrpc, cola, ...) or 'all' (every bundled model)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint folder or bundled model name (default: the task's bundled model)",
     )
     p.add_argument(
         "--glue-dir",
@@ -52,35 +58,61 @@ def _positive(name, value):
 
 
 def cmd_eval(args) -> int:
-    from .engine import evaluate, load
+    from .data import get_task
+    from .engine import bundled_models, evaluate, load, select_device
+    from .train import init_distributed
 
     _positive("limit", args.limit)
     _positive("batch-size", args.batch_size)
     _positive("timesteps", args.timesteps)
-    model = load(args.model, device=args.device)
-    result = evaluate(
-        model,
-        args.task,
-        split=args.split,
-        glue_dir=args.glue_dir,
-        batch_size=args.batch_size,
-        mode=args.mode,
-        timesteps=args.timesteps,
-        seed=args.seed,
-        limit=args.limit,
-        backend=args.backend,
-        progress=not args.json,
-    )
-    result.pop("predictions", None)
-    if args.json:
-        print(json.dumps(result))
+    info = init_distributed(select_device(args.device))
+    if args.task == "all":
+        if args.model:
+            raise ValueError("--task all evaluates each task's bundled model; drop --model")
+        jobs = sorted(bundled_models().items())
+        if not jobs:
+            raise FileNotFoundError("--task all: there are no bundled models in models/")
     else:
-        print(format_result(result))
+        task = get_task(args.task).name
+        jobs = [(task, args.model or bundled_models().get(task) or f"{task}-1bit")]
+    results = []
+    for task, model_name in jobs:
+        model = load(model_name, device=args.device)
+        result = evaluate(
+            model,
+            task,
+            split=args.split,
+            glue_dir=args.glue_dir,
+            batch_size=args.batch_size,
+            mode=args.mode,
+            timesteps=args.timesteps,
+            seed=args.seed,
+            limit=args.limit,
+            backend=args.backend,
+            progress=info.main and not args.json,
+        )
+        result["model"] = str(model_name)
+        results.append(result)
+        if info.main and result["num_truncated"]:
+            print(
+                f"spikeinfer: warning: {result['num_truncated']} of {result['n_examples']} "
+                f"{task} examples were longer than the model's positions and were truncated",
+                file=sys.stderr,
+            )
+    if info.main:
+        if args.json:
+            print(json.dumps(results[0] if len(results) == 1 else results))
+        else:
+            print("\n\n".join(format_result(r) for r in results))
     return 0
 
 
 def format_result(result: dict) -> str:
-    rows = [("task", result["task"]), ("examples", result["n_examples"])]
+    rows = [
+        ("task", result["task"]),
+        ("model", result.get("model", "")),
+        ("examples", result["n_examples"]),
+    ]
     for key in ("accuracy", "f1", "mcc", "pearson", "spearman"):
         if key in result:
             rows.append((key, f"{result[key]:.2f}"))
@@ -334,6 +366,8 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .prune.commands import add_prune_parser, add_report_parser
+
     parser = argparse.ArgumentParser(
         prog="spikeinfer",
         description="Compress and serve 1-bit spiking BERT models: distillation, "
@@ -344,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_finetune_teacher(sub)
     _add_distill(sub)
+    add_prune_parser(sub)
+    add_report_parser(sub)
     _add_validate(sub)
     _add_bench(sub)
     return parser

@@ -30,6 +30,7 @@ from .data import collate, get_task, load_glue, load_tokenizer, tokenize
 from .engine import select_device
 from .metrics import compute_metrics
 from .model import SpikingBert
+from .quant import latent_from_binary
 from .teacher import load_teacher, teacher_path
 from .train import DistInfo, JsonLog, init_distributed, linear_warmup_schedule, run_loop
 
@@ -529,14 +530,16 @@ def distill(
 
 
 def _latent_state(model: SpikingBert) -> dict:
-    """State dict whose projection weights are latent full-precision tensors (a 1-bit frozen
-    projection contributes alpha * sign)."""
+    """State dict whose projection weights are latent full-precision tensors (a frozen 1-bit
+    projection contributes a latent weight that binarises back to its signs and scales)."""
     state = model.state_dict()
     for l, block in enumerate(model.layers):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj", "ffn1", "ffn2"):
             proj = getattr(block, name)
             if proj.frozen:
-                state[f"layers.{l}.{name}.weight"] = proj.alpha[:, None] * proj.signs
+                state[f"layers.{l}.{name}.weight"] = latent_from_binary(
+                    proj.signs, proj.alpha, proj.per_row
+                )
                 state.pop(f"layers.{l}.{name}.signs", None)
                 state.pop(f"layers.{l}.{name}.alpha", None)
     return state

@@ -88,6 +88,26 @@ def resolve_model_path(path_or_name) -> Path:
     )
 
 
+# Preference when a task has several bundled models: the pruned model serves by default.
+_BUNDLE_PREFERENCE = ("{task}-1bit-pruned", "{task}-1bit", "{task}-1bit-adaptive")
+
+
+def bundled_models() -> dict[str, str]:
+    """task -> name of the bundled model `spikeinfer eval --task` uses by default."""
+    import json
+
+    by_task: dict[str, list[str]] = {}
+    for config in sorted(models_dir().glob("*/config.json")):
+        task = json.loads(config.read_text()).get("task")
+        if task:
+            by_task.setdefault(task, []).append(config.parent.name)
+    chosen = {}
+    for task, names in by_task.items():
+        preferred = [p.format(task=task) for p in _BUNDLE_PREFERENCE]
+        chosen[task] = next((n for n in preferred if n in names), names[0])
+    return chosen
+
+
 def load(path_or_name, device=None) -> SpikingBert:
     """Load a checkpoint folder or a bundled model by name (e.g. "sst2-1bit")."""
     from .checkpoint import load_checkpoint
@@ -95,10 +115,29 @@ def load(path_or_name, device=None) -> SpikingBert:
     return load_checkpoint(resolve_model_path(path_or_name), device=select_device(device))
 
 
-def _example_asr(rates: dict[str, torch.Tensor], valid: torch.Tensor) -> list[dict[str, float]]:
-    """Per example, the mean ASR of every sublayer over its real tokens."""
+def kept_columns(model: SpikingBert) -> dict[str, torch.Tensor]:
+    """Per masked sublayer, which of its (current) units are kept: columns of heads whose mask is
+    nonzero for K, V and A, nonzero neurons for F. Rates of masked units are zero by
+    construction, so costs average over the kept units only, as for a compacted model."""
+    d = model.config.head_dim
+    out = {}
+    for l, block in enumerate(model.layers):
+        heads = model.head_mask[l, block.kept_heads] != 0
+        cols = heads.repeat_interleave(d)
+        for sub in ("K", "V", "A"):
+            out[f"{l}.{sub}"] = cols
+        out[f"{l}.F"] = model.neuron_mask[l, block.kept_neurons] != 0
+    return out
+
+
+def _example_asr(
+    rates: dict[str, torch.Tensor], valid: torch.Tensor, kept: dict[str, torch.Tensor]
+) -> list[dict[str, float]]:
+    """Per example, the mean ASR of every sublayer over its real tokens and kept units."""
     per_sublayer = {}
     for name, r in rates.items():
+        if name in kept:
+            r = r[..., kept[name].to(r.device)]
         if r.shape[-1] == 0:
             per_sublayer[name] = torch.zeros(r.shape[0])
         else:
@@ -130,8 +169,10 @@ def evaluate(
     """Evaluate `model` on a GLUE split; returns the DESIGN section 10 result object.
 
     `timesteps` is T for unrolled mode or a per-sublayer list for sequential mode (default the
-    model's). `shard=(rank, world)` evaluates every world-th bucket (for data parallelism); the
-    caller gathers. Percentages are 0-100.
+    model's). Percentages are 0-100. Under torchrun (torch.distributed initialised, world > 1)
+    every process evaluates every world-th length bucket and the results are gathered, so each
+    process returns the metrics of the whole split; `shard=(rank, world)` selects buckets by
+    hand and returns that shard's result alone.
     """
     from tqdm import tqdm
 
@@ -154,6 +195,9 @@ def evaluate(
     encoded = tokenize(dataset, spec.name, tokenizer, max_length=max_length)
     lengths = [len(ids) for ids in encoded.input_ids]
     batches = bucket_batches(lengths, batch_size)
+    gather = shard is None and _world_size() > 1
+    if gather:
+        shard = (torch.distributed.get_rank(), _world_size())
     if shard is not None:
         rank, world = shard
         batches = batches[rank::world]
@@ -167,6 +211,7 @@ def evaluate(
         table = model.timesteps
 
     preds, labels, indices = [], [], []
+    kept = kept_columns(model)
     dense = pruned = driven = energy = 0.0
     n_done = 0
     start = time.perf_counter()
@@ -193,7 +238,7 @@ def evaluate(
             indices.extend(batch_indices)
             valid = am.to(torch.float32)
             for n_tokens, asr in zip(
-                am.sum(1).tolist(), _example_asr(out.rates, valid), strict=True
+                am.sum(1).tolist(), _example_asr(out.rates, valid, kept), strict=True
             ):
                 dense += cost.dense_ac_count(model.config, n_tokens)
                 pruned += cost.ac_count(
@@ -210,8 +255,29 @@ def evaluate(
             bar.set_postfix(sent_s=f"{n_done / (time.perf_counter() - start):.1f}")
     bar.close()
     wall = time.perf_counter() - start
-    preds_np = torch.cat(preds).numpy()
-    labels_np = torch.cat(labels).numpy()
+    part = {
+        "indices": indices,
+        "preds": torch.cat(preds) if preds else torch.zeros(0),
+        "labels": torch.cat(labels) if labels else torch.zeros(0),
+        "n": n_done,
+        "sums": (dense, pruned, driven, energy),
+        "wall": wall,
+    }
+    if gather:
+        parts = [None] * _world_size()
+        torch.distributed.all_gather_object(parts, part)
+        indices = [i for q in parts for i in q["indices"]]
+        part = {
+            "preds": torch.cat([q["preds"] for q in parts]),
+            "labels": torch.cat([q["labels"] for q in parts]),
+            "n": sum(q["n"] for q in parts),
+            "sums": tuple(map(sum, zip(*(q["sums"] for q in parts), strict=True))),
+            "wall": max(q["wall"] for q in parts),
+        }
+    n_done, (dense, pruned, driven, energy), wall = part["n"], part["sums"], part["wall"]
+    if n_done == 0:
+        raise ValueError(f"no examples to evaluate in {spec.name} {split}")
+    preds_np, labels_np = part["preds"].numpy(), part["labels"].numpy()
     result = {"task": spec.name, "split": split, "n_examples": n_done}
     result.update(compute_metrics(spec.name, preds_np, labels_np))
     result.update(
@@ -231,6 +297,11 @@ def evaluate(
     if return_predictions:
         result["predictions"] = {"index": np.asarray(indices), "pred": preds_np, "label": labels_np}
     return result
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def device_name(device: torch.device) -> str:

@@ -24,6 +24,18 @@ def binarize(weight: torch.Tensor, per_row: bool = True) -> tuple[torch.Tensor, 
     return signs, alpha.contiguous()
 
 
+class _StraightThroughSigns(torch.autograd.Function):
+    """Forward: the exact signs (so spike counts stay exact integers); backward: identity."""
+
+    @staticmethod
+    def forward(ctx, weight, signs):
+        return signs
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 def binarize_ste(weight: torch.Tensor, per_row: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Binarize with a straight-through estimator: signs carry weight's gradient as identity.
 
@@ -31,7 +43,20 @@ def binarize_ste(weight: torch.Tensor, per_row: bool = True) -> tuple[torch.Tens
     reaching `signs` flow to `weight` unchanged (alpha is treated as a constant).
     """
     signs, alpha = binarize(weight.detach(), per_row)
-    return weight + (signs - weight).detach(), alpha
+    return _StraightThroughSigns.apply(weight, signs), alpha
+
+
+def latent_from_binary(signs: torch.Tensor, alpha: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """A latent weight whose binarisation is (signs, alpha) up to float rounding.
+
+    binarize() centres by the mean before taking signs and scales, so alpha * signs would come
+    back with a smaller scale when the signs are unbalanced. With m the mean of the signs,
+    W = alpha (s - m) / (1 - m^2) has mean 0, sign s and mean |W| = alpha.
+    """
+    s = signs.double()
+    m = s.mean(1, keepdim=True) if per_row else s.mean()
+    denom = (1 - m * m).clamp_min(1e-6)  # a row of equal signs cannot be reproduced exactly
+    return (alpha.double()[:, None] * (s - m) / denom).to(alpha.dtype)
 
 
 def pack_signs(signs: torch.Tensor) -> torch.Tensor:

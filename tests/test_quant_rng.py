@@ -1,7 +1,13 @@
 import torch
 
 from spikeinfer import rng
-from spikeinfer.quant import binarize, binarize_ste, pack_signs, unpack_signs
+from spikeinfer.quant import (
+    binarize,
+    binarize_ste,
+    latent_from_binary,
+    pack_signs,
+    unpack_signs,
+)
 
 
 def test_binarize_per_row_scale_and_sign_of_zero():
@@ -15,12 +21,19 @@ def test_binarize_per_row_scale_and_sign_of_zero():
 
 
 def test_ste_passes_gradient_to_latent_weight():
-    w = torch.randn(4, 6, requires_grad=True)
+    w = torch.randn(64, 32, requires_grad=True)
     signs, alpha = binarize_ste(w)
-    assert torch.equal(signs.detach().abs(), torch.ones(4, 6))
-    g = torch.randn(4, 6)
+    assert torch.equal(signs.detach(), binarize(w.detach())[0])  # exactly +-1, no rounding
+    g = torch.randn(64, 32)
     (signs * g).sum().backward()
     assert torch.equal(w.grad, g)
+
+
+def test_latent_from_binary_rebinarises_to_the_same_signs_and_scales():
+    signs = torch.where(torch.rand(8, 37) < 0.7, 1.0, -1.0)
+    alpha = torch.rand(8) + 0.1
+    s, a = binarize(latent_from_binary(signs, alpha, per_row=True))
+    assert torch.equal(s, signs) and torch.allclose(a, alpha, rtol=1e-6)
 
 
 def test_pack_unpack_roundtrip_odd_width():

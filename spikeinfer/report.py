@@ -1,0 +1,327 @@
+"""Pruning reports: the paper's Tables II-IV as markdown, and plots, from `prune` outputs.
+
+Inputs are the `<run>/<stage>/metrics.json` files the pruning schedule writes (any depth under the
+runs folder; one column group per run, named by its task, or by task and folder when a task has
+several runs). Rows map onto stages:
+
+    Table II   Baseline                  baseline
+               Post-training FIM         spatial-ablation, importance fim
+               FIM + ASR of neurons      spatial-ablation, fim+asr-neurons
+               FIM + ASR of attention    spatial-ablation, fim+asr-attention
+               FIM + ASR                 spatial-ablation, fim+asr (else spatial-post if it used it)
+               + Retraining              spatial-retrain
+               PCA                       temporal-only-post
+               PCA + retraining          temporal-only-retrain
+               Two-stage                 temporal-retrain
+    Table III  Baseline / Pruned / Adaptive threshold = baseline / temporal-retrain / adaptive
+    Table IV   Spatial only / Temporal only / Joint retraining / Sequential
+               = spatial-retrain / temporal-only-retrain / joint-retrain / temporal-retrain
+
+Table II reports the task metric and ACs %, Table III the metric, Normalized #C (Eq. 14) and
+latency (mean timesteps per sublayer), Table IV the metric, ACs % and latency. A missing stage is
+shown as "-". Plots (matplotlib, PNG) per run: per-sublayer ASR, timesteps per sublayer, metric
+vs ACs %.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+METRICS_NAME = "metrics.json"
+METRIC_LABELS = {
+    "accuracy": "Acc.",
+    "f1": "F1",
+    "mcc": "MCC",
+    "pearson": "Pearson",
+    "spearman": "Spearman",
+}
+
+TABLE_II = (
+    ("Baseline", ("baseline", None)),
+    ("Post-training FIM", ("spatial-ablation", "fim")),
+    ("FIM + ASR of neurons", ("spatial-ablation", "fim+asr-neurons")),
+    ("FIM + ASR of attention", ("spatial-ablation", "fim+asr-attention")),
+    ("FIM + ASR", ("spatial-ablation", "fim+asr")),
+    ("+ Retraining", ("spatial-retrain", None)),
+    ("PCA", ("temporal-only-post", None)),
+    ("PCA + retraining", ("temporal-only-retrain", None)),
+    ("Two-stage", ("temporal-retrain", None)),
+)
+TABLE_III = (
+    ("Baseline", ("baseline", None)),
+    ("Pruned", ("temporal-retrain", None)),
+    ("Adaptive threshold", ("adaptive", None)),
+)
+TABLE_IV = (
+    ("Spatial only", ("spatial-retrain", None)),
+    ("Temporal only", ("temporal-only-retrain", None)),
+    ("Joint retraining", ("joint-retrain", None)),
+    ("Sequential", ("temporal-retrain", None)),
+)
+# Stages drawn in the ASR and timestep plots, in pipeline order.
+PLOT_STAGES = ("baseline", "spatial-retrain", "temporal-post", "temporal-retrain", "adaptive")
+
+
+@dataclass
+class Run:
+    """One `prune --out` folder: its task and the metrics of every stage it finished."""
+
+    name: str
+    folder: Path
+    task: str
+    stages: dict[str, dict]
+
+    def lookup(self, key: tuple[str, str | None]) -> dict | None:
+        stage, variant = key
+        m = self.stages.get(stage)
+        if m is None and key == ("spatial-ablation", "fim+asr"):
+            post = self.stages.get("spatial-post")  # the pipeline's own search, if it used FIM+ASR
+            if post and post.get("spatial", {}).get("importance") == "fim+asr":
+                return post
+            return None
+        if m is not None and variant is not None:
+            return m.get("variants", {}).get(variant)
+        return m
+
+
+def collect_runs(root: Path) -> list[Run]:
+    """Every folder under `root` with `<stage>/metrics.json` files, as a Run."""
+    by_folder: dict[Path, dict[str, dict]] = {}
+    for path in sorted(Path(root).rglob(METRICS_NAME)):
+        data = json.loads(path.read_text())
+        stage = data.get("stage", path.parent.name)
+        by_folder.setdefault(path.parent.parent, {})[stage] = data
+    runs = []
+    for folder, stages in sorted(by_folder.items()):
+        task = next((m["task"] for m in stages.values() if "task" in m), None)
+        if task is None:  # only an ablation: its variants carry the task
+            variants = next(iter(stages.values())).get("variants", {})
+            task = next((v.get("task") for v in variants.values()), folder.name)
+        runs.append(Run(folder.name, folder, task, stages))
+    tasks = [r.task for r in runs]
+    for r in runs:
+        r.name = r.task if tasks.count(r.task) == 1 else f"{r.task} ({r.folder.name})"
+    return runs
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _metric_label(runs: list[Run], run: Run) -> str:
+    for m in run.stages.values():
+        if "metric" in m:
+            return METRIC_LABELS.get(m["metric"], m["metric"])
+    return "Metric"
+
+
+def _table(runs: list[Run], rows, columns) -> str:
+    """Markdown table: one row per (label, stage key), per run the given columns.
+
+    `columns`: (header, field, digits) with field a metrics key; "metric" means "value"."""
+    header = ["Method"]
+    for run in runs:
+        for title, field, _ in columns:
+            title = _metric_label(runs, run) if field == "value" else title
+            header.append(f"{run.name} {title}")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, key in rows:
+        cells = [label]
+        for run in runs:
+            m = run.lookup(key)
+            for _, field, digits in columns:
+                cells.append(_fmt(None if m is None else m.get(field), digits))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table_ii(runs: list[Run]) -> str:
+    return _table(runs, TABLE_II, (("", "value", 2), ("ACs %", "acs_percent", 2)))
+
+
+def table_iii(runs: list[Run]) -> str:
+    cols = (("", "value", 2), ("Normalized #C", "normalized_c", 4), ("Latency", "latency", 2))
+    return _table(runs, TABLE_III, cols)
+
+
+def table_iv(runs: list[Run]) -> str:
+    cols = (("", "value", 2), ("ACs %", "acs_percent", 2), ("Latency", "latency", 2))
+    return _table(runs, TABLE_IV, cols)
+
+
+# -- plots --------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError(
+            "plots need matplotlib: pip install matplotlib (or pass --no-plots)"
+        ) from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _sublayer_order(names) -> list[str]:
+    def key(name):
+        if name == "emb":
+            return (-1, 0)
+        layer, sub = name.split(".")
+        return (int(layer), ("K", "V", "A", "O1", "F", "O2").index(sub))
+
+    return sorted(names, key=key)
+
+
+def _timesteps_by_sublayer(m: dict) -> dict[str, int] | None:
+    steps = m.get("timesteps")
+    if not isinstance(steps, list):
+        return None
+    out = {"emb": m.get("t_emb", max(max(row) for row in steps))}
+    for l, row in enumerate(steps):
+        for sub, t in zip(("K", "V", "A", "O1", "F", "O2"), row, strict=True):
+            out[f"{l}.{sub}"] = t
+    return out
+
+
+def plot_asr(run: Run, path: Path) -> Path | None:
+    curves = {s: run.stages[s]["asr"] for s in PLOT_STAGES if "asr" in run.stages.get(s, {})}
+    if not curves:
+        return None
+    plt = _pyplot()
+    names = _sublayer_order(next(iter(curves.values())))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 3.5))
+    for stage, asr in curves.items():
+        ax.plot(range(len(names)), [asr.get(n, float("nan")) for n in names], "o-", label=stage)
+    ax.set_xticks(range(len(names)), names, rotation=90)
+    ax.set_ylabel("average spiking rate")
+    ax.set_title(f"{run.name}: ASR per sublayer")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_timesteps(run: Run, path: Path) -> Path | None:
+    curves = {}
+    for s in PLOT_STAGES:
+        m = run.stages.get(s, {})
+        t = _timesteps_by_sublayer(m) if m.get("mode") == "sequential" else None
+        if t:
+            curves[s] = t
+    if not curves:
+        return None
+    plt = _pyplot()
+    names = _sublayer_order(next(iter(curves.values())))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 3.5))
+    for stage, steps in curves.items():
+        ax.step(range(len(names)), [steps[n] for n in names], where="mid", label=stage)
+    t_conv = next((m.get("t_conv") for m in run.stages.values() if m.get("t_conv")), None)
+    if t_conv:
+        ax.axhline(t_conv, color="grey", ls="--", lw=1, label=f"T_conv = {t_conv}")
+    ax.set_xticks(range(len(names)), names, rotation=90)
+    ax.set_ylabel("timesteps")
+    ax.set_title(f"{run.name}: timestep allocation per sublayer")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _points(run: Run) -> list[tuple[str, float, float]]:
+    points = []
+    for stage, m in run.stages.items():
+        if "value" in m:
+            points.append((stage, m["acs_percent"], m["value"]))
+        for variant, v in m.get("variants", {}).items():
+            points.append((f"post {variant}", v["acs_percent"], v["value"]))
+    return points
+
+
+def plot_metric_vs_acs(run: Run, path: Path) -> Path | None:
+    points = _points(run)
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, acs, value in points:
+        ax.scatter(acs, value)
+        ax.annotate(
+            label, (acs, value), fontsize="x-small", xytext=(3, 3), textcoords="offset points"
+        )
+    ax.set_xlabel("ACs % of dense")
+    ax.set_ylabel(_metric_label([run], run))
+    ax.set_title(f"{run.name}: metric vs ACs %")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-")
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+
+def render_markdown(runs: list[Run], plots: dict[str, list[Path]] | None = None) -> str:
+    parts = [
+        "# Spatio-temporal pruning results",
+        "",
+        "Generated by `spikeinfer report` from the stages' `metrics.json`. ACs % is relative to "
+        "the dense model at T_conv; Normalized #C weights every accumulate by its input's firing "
+        "rate (Eq. 14); latency is the mean timesteps per sublayer. '-' marks a stage not run.",
+        "",
+        "## Table II: ablation of the pruning components",
+        "",
+        table_ii(runs),
+        "",
+        "## Table III: pruned and adaptive-threshold models",
+        "",
+        table_iii(runs),
+        "",
+        "## Table IV: pruning strategies",
+        "",
+        table_iv(runs),
+        "",
+    ]
+    for run in runs:
+        files = (plots or {}).get(run.name, [])
+        if files:
+            parts += [f"## Plots: {run.name}", ""]
+            parts += [f"![{p.stem}]({p.name})" for p in files]
+            parts.append("")
+    return "\n".join(parts)
+
+
+def write_report(runs_dir: Path, out: Path, plots: bool = True) -> list[Path]:
+    """Write the markdown report (and PNG plots beside it); returns the files written."""
+    runs = collect_runs(runs_dir)
+    if not runs:
+        raise FileNotFoundError(f"no {METRICS_NAME} files under {runs_dir}; run `prune` first")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    images: dict[str, list[Path]] = {}
+    if plots:
+        for run in runs:
+            stem = f"{out.stem}_{_slug(run.name)}"
+            for kind, fn in (
+                ("asr", plot_asr),
+                ("timesteps", plot_timesteps),
+                ("metric_vs_acs", plot_metric_vs_acs),
+            ):
+                path = fn(run, out.parent / f"{stem}_{kind}.png")
+                if path is not None:
+                    images.setdefault(run.name, []).append(path)
+                    written.append(path)
+    out.write_text(render_markdown(runs, images))
+    return [out, *written]

@@ -1,0 +1,132 @@
+"""End to end: a tiny random model through the two-stage schedule on SST-2, resume, report."""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import pytest
+from helpers import firing_model
+
+from spikeinfer import cost
+from spikeinfer.checkpoint import load_checkpoint, save_checkpoint
+from spikeinfer.data import load_glue, load_tokenizer, tokenize
+from spikeinfer.prune.commands import add_prune_parser, add_report_parser
+from spikeinfer.prune.schedule import TWO_STAGE
+
+GLUE = Path(os.environ.get("SPIKEINFER_GLUE_DIR") or "/work/shared/data/glue")
+EVAL_LIMIT = 24
+
+pytestmark = pytest.mark.skipif(
+    not (GLUE / "SST-2" / "dev.tsv").is_file(), reason=f"no SST-2 under {GLUE}"
+)
+
+
+def _cli(argv):
+    parser = argparse.ArgumentParser(prog="spikeinfer")
+    sub = parser.add_subparsers()
+    add_prune_parser(sub)
+    add_report_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def _prune(model_dir, out, schedule, *extra):
+    return _cli(
+        ["prune", "--task", "sst2", "--model", str(model_dir), "--out", str(out)]
+        + ["--schedule", schedule, "--glue-dir", str(GLUE), "--backend", "torch"]
+        + ["--max-steps", "2", "--batch-size", "8", "--timesteps", "4", "--save-every", "1"]
+        + ["--fisher-samples", "32", "--fisher-batch-size", "16", "--calib-samples", "16"]
+        + ["--train-limit", "128", "--eval-limit", str(EVAL_LIMIT), "--budget", "0.5"]
+        + list(extra)
+    )
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prune")
+    model = firing_model(0, vocab_size=30522, max_position_embeddings=128)
+    save_checkpoint(model, root / "tiny", task="sst2", label_names=["negative", "positive"])
+    out = root / "runs" / "sst2"
+    assert _prune(root / "tiny", out, "two-stage") == 0
+    return root, out
+
+
+def _dev_lengths():
+    dev = load_glue("sst2", "dev", GLUE).select(range(EVAL_LIMIT))
+    return [len(ids) for ids in tokenize(dev, "sst2", load_tokenizer(), 128).input_ids]
+
+
+def test_two_stage_writes_every_stage_and_acs_match_cost_model(run):
+    _, out = run
+    lengths = _dev_lengths()
+    for stage in TWO_STAGE:
+        metrics = json.loads((out / stage / "metrics.json").read_text())
+        assert metrics["n_examples"] == EVAL_LIMIT and 0 <= metrics["accuracy"] <= 100
+        if stage == "baseline":
+            assert metrics["acs_percent"] == pytest.approx(100.0)
+            continue
+        served = load_checkpoint(out / stage / "compact")
+        assert load_checkpoint(out / stage / "model").config == served.config
+        table = served.timesteps if metrics["mode"] == "sequential" else served.config.t_conv
+        cfg, hm, nm = served.config, served.head_mask, served.neuron_mask
+        pruned = sum(cost.ac_count(cfg, hm, nm, table, n) for n in lengths)
+        dense = sum(cost.dense_ac_count(cfg, n) for n in lengths)
+        assert metrics["acs_percent"] == pytest.approx(100.0 * pruned / dense, rel=1e-9)
+        assert metrics["heads_per_layer"] == [int(x) for x in hm.sum(1)]
+    post = json.loads((out / "spatial-post" / "metrics.json").read_text())["spatial"]
+    assert post["acs"] <= post["budget_acs"]
+    adaptive = json.loads((out / "adaptive" / "metrics.json").read_text())
+    t_conv = adaptive["t_conv"]
+    assert adaptive["latency"] <= max(1.0, 0.16 * t_conv)
+    assert adaptive["latency"] == pytest.approx(
+        cost.latency(adaptive["timesteps"], adaptive["t_emb"])
+    )
+
+
+def test_resume_skips_finished_stages_and_single_stage_runs_alone(run):
+    root, out = run
+    before = (out / "temporal-retrain" / "metrics.json").read_text()
+    assert _prune(root / "tiny", out, "two-stage", "--resume") == 0
+    assert (out / "temporal-retrain" / "metrics.json").read_text() == before
+    events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    skipped = {e["stage"] for e in events if e.get("event") == "stage_skipped"}
+    assert skipped == set(TWO_STAGE)
+    # One stage alone, reusing spatial-post's Fisher information.
+    assert _prune(root / "tiny", out, "spatial-ablation") == 0
+    ablation = json.loads((out / "spatial-ablation" / "metrics.json").read_text())
+    assert set(ablation["variants"]) == {"fim", "fim+asr-neurons", "fim+asr-attention", "fim+asr"}
+
+
+def test_report_tables_and_plots(run):
+    root, out = run
+    md = root / "docs" / "pruning.md"
+    argv = ["report", "--runs", str(root / "runs"), "--out", str(md)]
+    if not _has_matplotlib():
+        argv.append("--no-plots")
+    assert _cli(argv) == 0
+    text = md.read_text()
+    two_stage = json.loads((out / "temporal-retrain" / "metrics.json").read_text())
+    row = next(line for line in text.splitlines() if line.startswith("| Two-stage |"))
+    assert f"{two_stage['accuracy']:.2f}" in row and f"{two_stage['acs_percent']:.2f}" in row
+    assert "| Adaptive threshold |" in text and "| Joint retraining | - |" in text
+    if _has_matplotlib():
+        for kind in ("asr", "timesteps", "metric_vs_acs"):
+            assert (md.parent / f"pruning_sst2_{kind}.png").stat().st_size > 1000
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_cli_rejects_bad_flags(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _cli(["prune", "--task", "sst2", "--model", "x", "--out", str(tmp_path), "--budget", "2"])
+    assert "--budget" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _cli(["prune", "--task", "sst2", "--model", "x", "--out", "o", "--schedule", "nope"])
+    assert "unknown schedule" in capsys.readouterr().err
