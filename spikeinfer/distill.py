@@ -32,9 +32,18 @@ from .metrics import compute_metrics
 from .model import SpikingBert
 from .quant import latent_from_binary
 from .teacher import load_teacher, teacher_path
-from .train import DistInfo, JsonLog, init_distributed, linear_warmup_schedule, run_loop
+from .train import (
+    DistInfo,
+    JsonLog,
+    atomic_torch_save,
+    init_distributed,
+    linear_warmup_schedule,
+    run_loop,
+)
 
 STUDENT_STAGES = ("fp-inter", "fp-pred", "1bit-inter", "1bit-pred")
+# The shared hidden-state projection of intermediate KD, carried from stage to stage.
+PROJECTION_NAME = "hidden_projection.pt"
 
 
 @dataclass
@@ -408,25 +417,33 @@ def distill(
         timesteps=args.timesteps,
         layer_map=list(layer_map),
     )
-    previous = None
     results = {}
     for stage in stages:
         binary, intermediate = _stage_flags(stage)
         stage_dir = out_root / stage
         if args.resume and (stage_dir / "config.json").exists():
-            previous = stage_dir
             results[stage] = load_checkpoint(stage_dir).checkpoint_meta.get("metrics", {})
             log(event="stage_skipped", stage=stage, reason="finished earlier")
             continue
         torch.manual_seed(args.seed)
-        if previous is None:
-            student = init_student_from_teacher(teacher, layer_map, binary, t_conv, word_embeddings)
-        else:
-            source = load_checkpoint(previous, device)
-            student = init_student_from_teacher(teacher, layer_map, binary, t_conv, word_embeddings)
-            student.load_state_dict(_latent_state(source), strict=False)
+        # A stage starts from the latest earlier stage finished in this --out folder.
+        earlier = STUDENT_STAGES[: STUDENT_STAGES.index(stage)]
+        finished = [s for s in earlier if (out_root / s / "config.json").exists()]
+        student = init_student_from_teacher(teacher, layer_map, binary, t_conv, word_embeddings)
+        if finished:
+            source = load_checkpoint(out_root / finished[-1], device)
+            missing, unexpected = student.load_state_dict(_latent_state(source), strict=False)
+            if missing or unexpected:
+                raise ValueError(
+                    f"{finished[-1]} does not fit this student: missing {missing}, "
+                    f"unexpected {unexpected}"
+                )
         student.to(device).to_backend(sim_backend)
         module = DistillModule(student, teacher.config.hidden_size).to(device)
+        projections = [out_root / s / PROJECTION_NAME for s in finished]
+        if intermediate and projections and projections[-1].exists():
+            module.proj.load_state_dict(torch.load(projections[-1], map_location=device))
+        log(event="stage_start", stage=stage, init=finished[-1] if finished else "teacher")
         # The projection only serves intermediate KD; DDP needs every trainable tensor used.
         module.proj.requires_grad_(intermediate)
         ddp = torch.nn.parallel.DistributedDataParallel(module) if info.world > 1 else module
@@ -507,6 +524,7 @@ def distill(
             log=log,
         )
         if info.main:
+            atomic_torch_save(module.proj.state_dict(), stage_dir / PROJECTION_NAME)
             save_checkpoint(
                 student,
                 stage_dir,
@@ -525,7 +543,6 @@ def distill(
                 },
             )
         results[stage] = metrics
-        previous = stage_dir
     return results
 
 

@@ -234,6 +234,9 @@ def test_distill_stages_and_resume(tiny_teacher, tmp_path):
     assert "accuracy" in results["1bit-pred"]["snn"]
     meta = json.loads((tmp_path / "run" / "1bit-pred" / "config.json").read_text())
     assert meta["model"]["binary"] is True and meta["provenance"]["stage"] == "1bit-pred"
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    starts = {r["stage"]: r["init"] for r in log if r["event"] == "stage_start"}
+    assert starts == {"fp-pred": "teacher", "1bit-pred": "fp-pred"}
     args.resume = True  # finished stages are skipped on resume
     again = distill(args, tiny_teacher, **kwargs)
     assert again["1bit-pred"] == results["1bit-pred"]
