@@ -2,9 +2,10 @@
 
 The sources in `csrc/` (shipped as `spikeinfer.csrc`) are compiled on first use with
 `torch.utils.cpp_extension` + ninja into `~/.cache/spikeinfer/cpu-<hash>/` (keyed by the sources,
-torch version and flags) and registered as torch ops in the `spikeinfer_cpu` namespace. The kernels
-pick AVX-512 VPOPCNTDQ at run time when the CPU has it and fall back to portable C++ otherwise, or
-when `SPIKEINFER_CPU_PORTABLE=1` is set (read at every call); both paths give identical results.
+torch version and flags; `SPIKEINFER_CACHE_DIR` moves it, `SPIKEINFER_VERBOSE_BUILD=1` shows the
+compiler) and registered as torch ops in the `spikeinfer_cpu` namespace. The kernels pick AVX-512
+VPOPCNTDQ at run time when the CPU has it and fall back to portable C++ otherwise, or when
+`SPIKEINFER_CPU_PORTABLE=1` is set (read at every call); both paths give identical results.
 
 Packed spikes are int64 words [..., ceil(F / 64)]: bit f % 64 of word f / 64 is feature f, padding
 bits zero. `simulate` runs a whole 1-bit `SpikingBert` with these ops and returns the same
@@ -54,8 +55,8 @@ def _source_dir() -> Path:
 
 
 def _check_toolchain():
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None and shutil.which("g++") is None:
+    cxx = os.environ.get("CXX", "c++")  # the compiler torch.utils.cpp_extension will run
+    if shutil.which(cxx) is None:
         raise RuntimeError(
             f"spikeinfer cpu backend needs a C++ compiler to build its kernels, and {cxx!r} was "
             "not found: install g++ (e.g. `apt-get install g++`) and ninja (`pip install ninja`)")
@@ -79,7 +80,13 @@ def _build_dir(sources: list[Path]) -> tuple[str, Path]:
     key = digest.hexdigest()[:16]
     root = Path(os.environ.get("SPIKEINFER_CACHE_DIR", "~/.cache/spikeinfer")).expanduser()
     path = root / f"cpu-{key}"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:  # read-only home: build in the temp folder instead
+        import tempfile
+
+        path = Path(tempfile.gettempdir()) / f"spikeinfer-{os.getuid()}" / f"cpu-{key}"
+        path.mkdir(parents=True, exist_ok=True)
     return f"spikeinfer_cpu_{key}", path
 
 
@@ -98,8 +105,9 @@ def load_library():
                     getattr(torch.ops, _NAMESPACE), "binary_gemm"):
                 src = _source_dir()
                 sources = sorted(src.glob("*.cpp")) + sorted(src.glob("*.h"))
-                _check_toolchain()
                 name, build_dir = _build_dir(sources)
+                if not (build_dir / f"{name}.so").is_file():  # a cached build needs no compiler
+                    _check_toolchain()
                 from torch.utils.cpp_extension import load
 
                 load(name=name, sources=[str(s) for s in sources if s.suffix == ".cpp"],
@@ -110,7 +118,10 @@ def load_library():
             _register_fakes()
             _loaded = True
         except Exception as err:  # keep the reason for is_available() and later calls
-            _load_error = f"spikeinfer cpu backend unavailable: {err}"
+            detail = str(err)
+            if len(detail) > 2000:  # a failed build carries the whole compiler log
+                detail = "... " + detail[-2000:]
+            _load_error = f"spikeinfer cpu backend unavailable: {detail}"
             raise RuntimeError(_load_error) from err
 
 
@@ -373,8 +384,16 @@ def simulate(model, input_ids, attention_mask=None, token_type_ids=None, *, mode
             _sequential(model, E, mask_add, gates, weights, rec, seed)
         last = rec.rates[f"{model.config.num_layers - 1}.O2"]
         logits = model.classifier(last[:, 0])
-        asr = {name: mean_asr(r, valid) for name, r in rec.rates.items()}
+        asr = {name: _mean_asr(r, valid, mean_asr) for name, r in rec.rates.items()}
     return SpikingOutput(logits, dict(rec.rates), asr, rec.traces(), dict(rec.steps))
+
+
+def _mean_asr(rate, valid, reference):
+    """`model.mean_asr`, bit for bit. Without padding, rate * 1 is rate and the sum runs over the
+    same values in the same order, so the product (a full copy of the rates) is skipped."""
+    if rate.shape[-1] == 0 or not bool(valid.all()):
+        return reference(rate, valid)
+    return float(rate.sum() / (valid.sum() * rate.shape[-1]))
 
 
 def _neuron(model):
@@ -394,11 +413,12 @@ def _linear(w, x, index, model, **kw):
 
 
 def _block_sublayers(model, l, block, w, gate, mask_add, rec, steps_of, x_in, draws):
-    """Run the six sublayers of block l. `steps_of(sublayer)` is its timestep count,
-    `x_in(sublayer)` the packed block input it reads ([T', B*N, Dw]), and
-    `draws(sublayer, source, spikes, rate)`
-    the packed input it reads from sublayer `source`: the spikes themselves (unrolled) or fresh
-    Bernoulli draws from the rate (sequential)."""
+    """Run the six sublayers of block l and return (O2 spikes, O2 rate).
+
+    `steps_of(sublayer)` is the sublayer's timestep count, `x_in(sublayer)` the packed block input
+    it reads ([T', B*N, Dw]), and `draws(sublayer, source, spikes, rate)` the packed input it reads
+    from sublayer `source`: the spikes themselves (unrolled) or fresh Bernoulli draws from the
+    rate (sequential)."""
     from .config import SUBLAYERS
 
     cfg = model.config

@@ -1,0 +1,330 @@
+"""Benchmark the `cpu` backend (C++ popcount kernels) against the torch references on this CPU.
+
+Measured side by side in one run (DESIGN section 13):
+
+    gemm    the binary GEMM in binary MACs/s: `spike_linear_neuron` (fused GEMM + IF scan, packed
+            spikes out, the form the model runs) on all threads and on one, `binary_gemm` (float
+            currents out, bound by writing them), the same unfused (`binary_gemm` then
+            `neuron_scan`, to measure what fusion saves), against MKL fp32 `torch.matmul`, bf16
+            `torch.matmul` and `torch._int_mm` (int8) at the same shapes: the default student's
+            projections (hidden 384, FFN 1536) and spikingbert-base's (768 / 3072).
+    model   whole-model inference (unrolled) on `minilm-4l` with random weights scaled to fire, seq
+            64: cpu vs torch-step fp32 (the per-step reference), torch fp32 (multi-step) and torch
+            bf16 (multi-step); dense vs pruned (half the heads and 40 % of the FFN neurons kept,
+            compacted), with the time ratio set against the AC ratio (cost.ac_count).
+
+Every figure is the median of repeats after a warm-up. The CPU may be shared with other work:
+each row records the load average seen before it was measured. Rows go to
+bench/results/cpu_<date>.json (appended to an existing file of that day).
+
+    python bench/bench_cpu.py            # full run (several minutes: torch-step is slow)
+    python bench/bench_cpu.py --quick    # small shapes, T = 8: a minute or two
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from spikeinfer import cpu_backend as cb  # noqa: E402
+from spikeinfer.config import ModelConfig  # noqa: E402
+from spikeinfer.model import SpikingBert, compact  # noqa: E402
+from spikeinfer.quant import binarize  # noqa: E402
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, check=True)
+        return out.stdout.strip() or "uncommitted"
+    except (OSError, subprocess.CalledProcessError):
+        return "uncommitted"
+
+
+def load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def median_ms(fn, repeats: int, warmup=None) -> float:
+    """Median wall time of `repeats` calls after one warm-up call (of `warmup` if given)."""
+    (warmup or fn)()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+class Report:
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.base = {"device": cpu_model(), "commit": commit(),
+                     "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
+                     "kernel_path": cb.isa()}
+
+    def add(self, **row):
+        full = {**self.base, **row}
+        self.rows.append(full)
+        shown = {k: v for k, v in row.items() if k not in ("shapes",)}
+        print(json.dumps(shown), flush=True)
+
+
+# -- binary GEMM --------------------------------------------------------------------------------
+def bench_gemm(report: Report, preset: str, T: int, B: int, S: int, repeats: int):
+    cfg = ModelConfig.from_name(preset)
+    for name, K, N in (("hidden", cfg.hidden_size, cfg.hidden_size),
+                       ("ffn_up", cfg.hidden_size, cfg.intermediate_size),
+                       ("ffn_down", cfg.intermediate_size, cfg.hidden_size)):
+        shapes = {"preset": preset, "projection": name, "M": T * B * S, "K": K, "N": N, "T": T,
+                  "batch": B, "seq_len": S}
+        gemm_case(report, shapes, repeats)
+
+
+def gemm_case(report: Report, shapes: dict, repeats: int):
+    T, M, K, N = shapes["T"], shapes["M"], shapes["K"], shapes["N"]
+    macs = M * K * N
+    gen = torch.Generator().manual_seed(0)
+    spikes = (torch.rand(M, K, generator=gen) < 0.25).float()
+    signs, alpha = binarize(torch.randn(N, K, generator=gen))
+    bias = torch.randn(N, generator=gen)
+    packed, packed_w = cb.pack_spikes(spikes), cb.pack_signs(signs)
+    packed_t = packed.view(T, M // T, -1)
+
+    def row(backend, ms, **extra):
+        report.add(benchmark="binary_gemm", backend=backend, shapes=shapes, ms=round(ms, 3),
+                   binary_tmacs_per_s=round(macs / ms / 1e9, 4), load_avg=load_average(),
+                   **shapes, **extra)
+
+    def fused():
+        return cb.spike_linear_neuron(packed_t, packed_w, K, alpha, bias)
+
+    row("cpu spike_linear_neuron (fused GEMM + IF, packed out)", median_ms(fused, repeats))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ms1 = median_ms(fused, repeats)
+    torch.set_num_threads(threads)
+    row("cpu spike_linear_neuron, 1 thread", ms1, threads=1)
+    row("cpu binary_gemm (float32 out)",
+        median_ms(lambda: cb.binary_gemm(packed, packed_w, K, alpha, bias), repeats))
+
+    def unfused():  # what fusing the IF scan into the GEMM saves
+        current = cb.binary_gemm(packed_t, packed_w, K, alpha, bias)
+        return cb.neuron_scan(current, 1.0)
+
+    row("cpu binary_gemm + neuron_scan (unfused)", median_ms(unfused, repeats))
+    # References at the same shapes: fp32 / bf16 matmul of spikes by +-1 weights, int8 matmul.
+    w32 = signs.t().contiguous()
+    row("torch fp32 matmul (MKL)", median_ms(lambda: torch.matmul(spikes, w32), repeats))
+    s16, w16 = spikes.bfloat16(), w32.bfloat16()
+    row("torch bf16 matmul", median_ms(lambda: torch.matmul(s16, w16), repeats))
+    s8, w8 = spikes.to(torch.int8), w32.to(torch.int8)
+    try:
+        row("torch._int_mm int8", median_ms(lambda: torch._int_mm(s8, w8), repeats))
+    except RuntimeError as err:
+        print(f"torch._int_mm unavailable: {err}", file=sys.stderr)
+
+
+# -- whole model --------------------------------------------------------------------------------
+def firing_model(preset: str, seed: int = 0) -> SpikingBert:
+    """Random 1-bit weights scaled so neurons fire: weights N(0, 1), biases N(0.3, 0.3)."""
+    torch.manual_seed(seed)
+    model = SpikingBert(ModelConfig.from_name(preset)).eval()
+    with torch.no_grad():
+        for block in model.layers:
+            for p in (block.q_proj, block.k_proj, block.v_proj, block.o_proj, block.ffn1,
+                      block.ffn2):
+                p.weight.normal_(0, 1.0)
+                p.bias.normal_(0.3, 0.3)
+    return model.freeze_binary()
+
+
+def pruned(model: SpikingBert, heads_kept: float, neurons_kept: float, seed: int = 0):
+    cfg = model.config
+    gen = torch.Generator().manual_seed(seed)
+    m = copy.deepcopy(model)
+    m.head_mask.zero_()
+    m.neuron_mask.zero_()
+    for l in range(cfg.num_layers):
+        h = torch.randperm(cfg.num_heads, generator=gen)[: round(heads_kept * cfg.num_heads)]
+        n = torch.randperm(cfg.intermediate_size, generator=gen)[
+            : round(neurons_kept * cfg.intermediate_size)]
+        m.head_mask[l, h] = 1
+        m.neuron_mask[l, n] = 1
+    return compact(m), m.head_mask.clone(), m.neuron_mask.clone()
+
+
+def ac_count(cfg, head_mask, neuron_mask, T, seq_len):
+    from spikeinfer import cost
+
+    return cost.ac_count(cfg, head_mask, neuron_mask, T, seq_len)
+
+
+def bench_model(report: Report, preset: str, B: int, S: int, T: int, repeats: int,
+                step_repeats: int, heads_kept: float, neurons_kept: float,
+                references: bool = True):
+    model = firing_model(preset)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (B, S), generator=gen)
+    am = torch.ones(B, S, dtype=torch.long)
+    shapes = {"preset": preset, "batch": B, "seq_len": S, "T": T, "mode": "unrolled"}
+
+    outputs = {}
+
+    def run(m, backend, steps=T, label=None):
+        m.to_backend(backend)
+        with torch.inference_mode():
+            out = m(ids, am, timesteps=steps)
+        if label is not None:
+            outputs[label] = out
+        return out
+
+    results = {}
+
+    def measure(label, m, backend, reps, **extra):
+        load = load_average()
+        # The slow references warm up on one step; the timed runs keep their outputs.
+        ms = median_ms(lambda: run(m, backend, label=label), reps,
+                       warmup=lambda: run(m, backend, steps=1))
+        results[label] = ms
+        report.add(benchmark="model", backend=label, shapes=shapes, ms=round(ms, 1),
+                   sentences_per_s=round(B / ms * 1e3, 3), repeats=reps, load_avg=load,
+                   **shapes, **extra)
+        return ms
+
+    measure("cpu", model, "cpu", repeats)
+    if references:
+        measure("torch fp32", model, "torch", max(1, repeats // 2))
+        try:  # the multi-step reference with the whole model in bf16 (as bench_triton.py)
+            measure("torch bf16", copy.deepcopy(model).to(torch.bfloat16), "torch",
+                    max(1, repeats // 2))
+        except RuntimeError as err:
+            print(f"torch bf16 reference unavailable: {err}", file=sys.stderr)
+        measure("torch-step fp32", model, "torch-step", step_repeats)
+    cpu_out = outputs["cpu"]
+    ref_out = outputs.get("torch fp32")
+    agree = rates_equal = None
+    if ref_out is not None:
+        agree = float((ref_out.logits.argmax(-1) == cpu_out.logits.argmax(-1)).float().mean())
+        rates_equal = sum(torch.equal(ref_out.rates[k], cpu_out.rates[k]) for k in ref_out.rates)
+        rates_equal = f"{rates_equal}/{len(ref_out.rates)}"
+    asr = round(sum(cpu_out.asr.values()) / len(cpu_out.asr), 4)
+
+    small, hm, nm = pruned(model, heads_kept, neurons_kept)
+    acs_dense = ac_count(cfg, None, None, T, S)
+    acs_pruned = ac_count(cfg, hm, nm, T, S)
+    load = load_average()
+    ms_pruned = median_ms(lambda: run(small, "cpu"), repeats)
+    dense_over_pruned_time = results["cpu"] / ms_pruned
+    # One thread as well: with other work on the machine, a preempted worker stalls every
+    # parallel op for a fixed time, which distorts the ratio of a smaller model more.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    single = {}
+    for label, m in (("cpu, 1 thread", model), ("cpu pruned, 1 thread", small)):
+        load1 = load_average()
+        single[label] = median_ms(lambda m=m: run(m, "cpu"), repeats)
+        report.add(benchmark="model", backend=label, shapes=shapes, ms=round(single[label], 1),
+                   sentences_per_s=round(B / single[label] * 1e3, 3), repeats=repeats,
+                   load_avg=load1, threads=1, **shapes)
+    torch.set_num_threads(threads)
+    dense_over_pruned_acs = acs_dense / acs_pruned
+    report.add(
+        benchmark="model", backend="cpu pruned", shapes={**shapes, "heads_kept": heads_kept,
+                                                         "neurons_kept": neurons_kept},
+        ms=round(ms_pruned, 1), sentences_per_s=round(B / ms_pruned * 1e3, 3), repeats=repeats,
+        load_avg=load, **shapes, heads_kept=heads_kept, neurons_kept=neurons_kept)
+    def speedup(label):
+        return round(results[label] / results["cpu"], 2) if label in results else None
+
+    summary = {
+        "sentences_per_s": round(B / results["cpu"] * 1e3, 3),
+        "speedup_vs_torch_step_fp32": speedup("torch-step fp32"),
+        "speedup_vs_torch_fp32": speedup("torch fp32"),
+        "speedup_vs_torch_bf16": speedup("torch bf16"),
+        "dense_over_pruned_time": round(dense_over_pruned_time, 3),
+        "dense_over_pruned_acs": round(dense_over_pruned_acs, 3),
+        "pruned_time_over_ac_ratio": round(dense_over_pruned_acs / dense_over_pruned_time, 3),
+        "dense_over_pruned_time_1thread": round(
+            single["cpu, 1 thread"] / single["cpu pruned, 1 thread"], 3),
+        "pruned_time_over_ac_ratio_1thread": round(
+            dense_over_pruned_acs * single["cpu pruned, 1 thread"] / single["cpu, 1 thread"], 3),
+        "prediction_agreement_vs_torch": agree,
+        "sublayers_with_identical_rates": rates_equal,
+        "mean_asr": asr,
+    }
+    report.add(benchmark="model_summary", backend="cpu", shapes=shapes,
+               ms=round(results["cpu"], 1), **shapes, **summary)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes and T, few repeats")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file (default: "
+                        "bench/results/cpu_<date>.json, appended)")
+    parser.add_argument("--skip-gemm", action="store_true")
+    parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--skip-references", action="store_true",
+                        help="whole model: time only the cpu backend (dense and pruned)")
+    parser.add_argument("--timesteps", type=int, nargs="+", default=None,
+                        help="whole-model T values (default 32; --quick: 8)")
+    args = parser.parse_args(argv)
+
+    ok, why = cb.is_available()
+    if not ok:
+        raise SystemExit(why)
+    report = Report()
+    print(f"# {report.base['device']}, {report.base['threads']} threads, kernels "
+          f"{report.base['kernel_path']}, load average {load_average():.2f}", flush=True)
+    if args.quick:
+        gemm_shapes, repeats, model_b, step_repeats = (8, 8, 64), 3, 8, 1
+        timesteps = args.timesteps or [8]
+    else:
+        gemm_shapes, repeats, model_b, step_repeats = (32, 16, 64), 3, 32, 1
+        timesteps = args.timesteps or [32]
+    if not args.skip_gemm:
+        for preset in ("minilm-4l", "spikingbert-base"):
+            bench_gemm(report, preset, *gemm_shapes, repeats=repeats)
+    if not args.skip_model:
+        for T in timesteps:
+            bench_model(report, "minilm-4l", model_b, 64, T, repeats, step_repeats,
+                        heads_kept=0.5, neurons_kept=0.4, references=not args.skip_references)
+
+    out = args.out or ROOT / "bench" / "results" / f"cpu_{report.base['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = json.loads(out.read_text()) if out.exists() else []
+    out.write_text(json.dumps(rows + report.rows, indent=1) + "\n")
+    print(f"# wrote {len(report.rows)} rows to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""C++ sources of the `cpu` backend, compiled on first use by `spikeinfer.cpu_backend`."""

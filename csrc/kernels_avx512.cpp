@@ -1,0 +1,680 @@
+// AVX-512 (F, BW, DQ, VL, VPOPCNTDQ) kernels, selected at run time when the CPU has the flags.
+//
+// Binary projection, vectorised across output columns so the inner loop has no horizontal
+// reduction: the +1-sign words of 16 output columns are interleaved, so one 512-bit load holds
+// the same 32-bit input word for 16 columns, and for a row of spikes s
+//
+//   acc[n] += popcnt32(w+[n, k] & broadcast(s[k]))         (16 columns per instruction)
+//   I[n]    = float(2 * acc[n] - popc(s)) * alpha[n] + bias[n]
+//
+// register-blocked over R rows of spikes (one weight load feeds R rows) and C column groups.
+// Epilogues, the IF/LIF scan, attention and the Bernoulli hash evaluate exactly the expressions of
+// kernels_portable.cpp in the same order (lane-wise), so both paths agree bit for bit.
+//
+// Attention runs transposed (queries in vector lanes), which turns both products with spiking
+// operands into sparse sums over the set bits of K and V:
+//   sT[j][i] = sum_{c in K[j]} qT[c][i],   then softmax down j per lane (torch.softmax's order),
+//   aT[c][i] = sum_{j : c in V[j]} pT[j][i].
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+// Everything after this line (including the shared header's internal-linkage maths) is compiled
+// for AVX-512; the library headers above keep their generic code.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,fma,popcnt,bmi,bmi2")
+
+#include "spikeinfer_cpu.h"
+
+namespace spikeinfer_cpu {
+
+namespace {
+
+// 8-lane float vector for the shared rowwise_moments template (PyTorch's LayerNorm moments run
+// on 8-lane AVX2 vectors even on AVX-512 machines).
+struct Avx2Vec8 {
+  static constexpr int64_t kLanes = 8;
+  __m256 v;
+  static Avx2Vec8 set1(float a) { return {_mm256_set1_ps(a)}; }
+  static Avx2Vec8 load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  static Avx2Vec8 fmadd(const Avx2Vec8& a, const Avx2Vec8& b, const Avx2Vec8& c) {
+    return {_mm256_fmadd_ps(a.v, b.v, c.v)};
+  }
+};
+
+// Free operators: GCC does not apply the target pragma to friend functions defined in a class.
+inline Avx2Vec8 operator+(const Avx2Vec8& a, const Avx2Vec8& b) {
+  return {_mm256_add_ps(a.v, b.v)};
+}
+inline Avx2Vec8 operator-(const Avx2Vec8& a, const Avx2Vec8& b) {
+  return {_mm256_sub_ps(a.v, b.v)};
+}
+inline Avx2Vec8 operator*(const Avx2Vec8& a, const Avx2Vec8& b) {
+  return {_mm256_mul_ps(a.v, b.v)};
+}
+
+// Scratch memory without std containers, so no library template is instantiated for this target.
+template <class T>
+struct Scratch {
+  T* p = nullptr;
+  explicit Scratch(int64_t n) {
+    const size_t bytes = ((static_cast<size_t>(n > 0 ? n : 1) * sizeof(T) + 63) / 64) * 64;
+    p = static_cast<T*>(std::aligned_alloc(64, bytes));
+    if (p == nullptr) std::abort();
+  }
+  ~Scratch() { std::free(p); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T& operator[](int64_t i) { return p[i]; }
+};
+
+inline __mmask16 tail_mask16(int64_t valid) {
+  return valid >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1);
+}
+
+inline uint32_t last_word32_mask(int64_t bits) {
+  const int64_t rem = bits % 32;
+  return rem == 0 ? 0xFFFFFFFFu : (1u << rem) - 1;
+}
+
+inline uint64_t last_word64_mask(int64_t bits) {
+  const int64_t rem = bits % 64;
+  return rem == 0 ? ~uint64_t{0} : (uint64_t{1} << rem) - 1;
+}
+
+inline int32_t masked_popcount(const uint64_t* row, int64_t K, int64_t kw64) {
+  int64_t total = 0;
+  for (int64_t k = 0; k + 1 < kw64; ++k) total += _mm_popcnt_u64(row[k]);
+  if (kw64 > 0) total += _mm_popcnt_u64(row[kw64 - 1] & last_word64_mask(K));
+  return static_cast<int32_t>(total);
+}
+
+// ---- exact replicas of the scalar maths in spikeinfer_cpu.h, 16 lanes at a time --------------
+
+inline __m512 sleef_expf_u10_v(__m512 d) {
+  const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(
+      d, _mm512_set1_ps(1.442695040888963407359924681001892137426645954152985934135449406931f)));
+  const __m512 qf = _mm512_cvtepi32_ps(q);
+  __m512 s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-0.693145751953125f), d);
+  s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-1.428606765330187045e-06f), s);
+  __m512 u = _mm512_set1_ps(0.000198527617612853646278381f);
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00139304355252534151077271f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00833336077630519866943359f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.0416664853692054748535156f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.166666671633720397949219f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.5f));
+  u = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_mul_ps(s, s), u, s));
+  const __m512i q1 = _mm512_srai_epi32(q, 1);
+  const __m512i q2 = _mm512_sub_epi32(q, q1);
+  const __m512i bias = _mm512_set1_epi32(0x7f);
+  u = _mm512_mul_ps(u, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q1, bias), 23)));
+  u = _mm512_mul_ps(u, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q2, bias), 23)));
+  u = _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(d, _mm512_set1_ps(-104.0f), _CMP_LT_OQ),
+                         _mm512_setzero_ps());
+  return _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(_mm512_set1_ps(100.0f), d, _CMP_LT_OQ),
+                            _mm512_set1_ps(INFINITY));
+}
+
+// acc + popcount(x & broadcast(w)) on 16 lanes of 32 bits.
+inline __m512i popcount_add(__m512i acc, __m512i x, uint32_t w) {
+  return _mm512_add_epi32(
+      acc, _mm512_popcnt_epi32(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(w)))));
+}
+
+// One IF/LIF step on 16 lanes; returns the fired mask and updates v in place.
+inline __mmask16 neuron_step_v(const NeuronSpec& n, __m512 current, __m512& v) {
+  const __m512 h = n.leak == 1.0f
+                       ? _mm512_add_ps(v, current)
+                       : _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(n.leak), v), current);
+  const __m512 th = _mm512_set1_ps(n.v_th);
+  const __mmask16 fired = n.fire_on_ge ? _mm512_cmp_ps_mask(h, th, _CMP_GE_OQ)
+                                       : _mm512_cmp_ps_mask(h, th, _CMP_GT_OQ);
+  v = _mm512_mask_sub_ps(h, fired, h, th);
+  return fired;
+}
+
+// ---- binary projection microkernel -----------------------------------------------------------
+
+// Currents of R rows for C consecutive interleaved column groups starting at group g:
+// out[r][(g - g_base + c) * 16 + lane], plus the residual spikes (16-bit slots res16[r][g]) when
+// given. The accumulators live in registers for the whole K loop.
+template <int R, int C>
+inline void project_tile(const uint32_t* const* rows, const int32_t* popc, int64_t kw32,
+                         const uint32_t* w_il, int64_t g, int64_t g_base, int64_t N,
+                         const float* alpha, const float* bias, const uint16_t* const* res16,
+                         float* const* out) {
+  // Every loop over r and c is unrolled so that acc stays in registers (GCC keeps a partly
+  // indexed array in memory and stores it on every iteration of the K loop).
+  __m512i acc[R][C];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
+  const uint32_t* w = w_il + g * kw32 * 16;
+  for (int64_t k = 0; k < kw32; ++k) {
+    __m512i wv[C];
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) wv[c] = _mm512_loadu_si512(w + (c * kw32 + k) * 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512i s = _mm512_set1_epi32(static_cast<int>(rows[r][k]));
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c)
+        acc[r][c] = _mm512_add_epi32(acc[r][c], _mm512_popcnt_epi32(_mm512_and_si512(wv[c], s)));
+    }
+  }
+#pragma GCC unroll 16
+  for (int c = 0; c < C; ++c) {
+    const __mmask16 valid = tail_mask16(N - (g + c) * 16);
+    const __m512 al = _mm512_maskz_loadu_ps(valid, alpha + (g + c) * 16);
+    const __m512 bi = _mm512_maskz_loadu_ps(valid, bias + (g + c) * 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512i count =
+          _mm512_sub_epi32(_mm512_slli_epi32(acc[r][c], 1), _mm512_set1_epi32(popc[r]));
+      __m512 f = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(count), al), bi);
+      if (res16 != nullptr)  // + residual spike (1.0 or 0.0), as the reference adds it
+        f = _mm512_add_ps(f, _mm512_maskz_mov_ps(static_cast<__mmask16>(res16[r][g + c]) & valid,
+                                                 _mm512_set1_ps(1.0f)));
+      _mm512_store_ps(out[r] + (g - g_base + c) * 16, f);
+    }
+  }
+}
+
+// Currents of R rows for column groups [g0, g1): out[r][0 .. (g1 - g0) * 16) (lanes past N are
+// don't-care).
+template <int R>
+inline void project_rows(const uint32_t* const* rows, const int32_t* popc, int64_t kw32,
+                         const uint32_t* w_il, int64_t g0, int64_t g1, int64_t N,
+                         const float* alpha, const float* bias, const uint16_t* const* res16,
+                         float* const* out) {
+  constexpr int C = 4;
+  int64_t g = g0;
+  for (; g + C <= g1; g += C)
+    project_tile<R, C>(rows, popc, kw32, w_il, g, g0, N, alpha, bias, res16, out);
+  for (; g < g1; ++g)
+    project_tile<R, 1>(rows, popc, kw32, w_il, g, g0, N, alpha, bias, res16, out);
+}
+
+// LayerNorm coefficients (-mean, rstd) of R rows of currents (residual already added).
+template <int R>
+inline void layer_norm_stats(const float* const* cur, int64_t N, float eps, float* neg_mean,
+                             float* rstd) {
+  layer_norm_coefficients<Avx2Vec8, R>(cur, N, eps, neg_mean, rstd);
+}
+
+// The LayerNorm output of a row as PyTorch rounds it: fma((x - mean) * rstd, gamma, beta).
+struct LayerNormApply {
+  float neg_mean, rstd;
+  const float* weight;
+  const float* bias;
+};
+
+// One neuron step for column groups [g0, g1) of a row: currents, membrane and counts are
+// chunk-relative (padded to whole groups of 16); spikes go to 16-bit slots g of the packed row,
+// and the row's unused trailing slots are cleared with the last chunk, so every word is written.
+inline void scan_groups(const NeuronSpec& spec, const float* cur, float* membrane, int32_t* counts,
+                        int64_t N, int64_t g0, int64_t g1, uint64_t* bits, int64_t nw64,
+                        const LayerNormApply* ln = nullptr, float* current_out = nullptr) {
+  uint16_t* bits16 = reinterpret_cast<uint16_t*>(bits);
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t o = (g - g0) * 16;
+    const __mmask16 valid = tail_mask16(N - g * 16);
+    __m512 x = _mm512_load_ps(cur + o);
+    if (ln != nullptr) {
+      x = _mm512_mul_ps(_mm512_add_ps(x, _mm512_set1_ps(ln->neg_mean)), _mm512_set1_ps(ln->rstd));
+      x = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(valid, ln->weight + g * 16),
+                          _mm512_maskz_loadu_ps(valid, ln->bias + g * 16));
+    }
+    if (current_out != nullptr) _mm512_mask_storeu_ps(current_out + g * 16, valid, x);
+    __m512 v = _mm512_load_ps(membrane + o);
+    const __mmask16 fired = neuron_step_v(spec, x, v) & valid;
+    _mm512_store_ps(membrane + o, v);
+    bits16[g] = static_cast<uint16_t>(fired);
+    const __m512i c = _mm512_load_si512(counts + o);
+    _mm512_store_si512(counts + o, _mm512_mask_add_epi32(c, fired, c, one));
+  }
+  if (g1 == (N + 15) / 16)
+    for (int64_t g = g1; g < nw64 * 4; ++g) bits16[g] = 0;
+}
+
+// Rates as the reference computes them: float(count) / float(T), one rounding.
+inline void write_rates(const int32_t* counts, int64_t N, int64_t T, float* rates) {
+  const __m512 steps = _mm512_set1_ps(static_cast<float>(T));
+  for (int64_t g = 0; g * 16 < N; ++g) {
+    const __mmask16 valid = tail_mask16(N - g * 16);
+    const __m512 c = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(valid, counts + g * 16));
+    _mm512_mask_storeu_ps(rates + g * 16, valid, _mm512_div_ps(c, steps));
+  }
+}
+
+// Calls f(offset) for every set bit of row[start .. start+len), in ascending order.
+template <class F>
+inline void for_each_set_bit(const uint64_t* row, int64_t start, int64_t len, F&& f) {
+  int64_t pos = start;
+  const int64_t end = start + len;
+  while (pos < end) {
+    const int64_t off = pos & 63;
+    const int64_t take = std::min<int64_t>(64 - off, end - pos);
+    uint64_t bits = row[pos >> 6] >> off;
+    if (take < 64) bits &= (uint64_t{1} << take) - 1;
+    while (bits != 0) {
+      f(pos - start + static_cast<int64_t>(_tzcnt_u64(bits)));
+      bits = _blsr_u64(bits);
+    }
+    pos += take;
+  }
+}
+
+}  // namespace
+
+void linear_neuron_avx512(const LinearNeuronArgs& a, int64_t begin, int64_t end) {
+  constexpr int R = 4;  // rows of spikes sharing each weight load
+  const int64_t N = a.N, groups = (N + 15) / 16;
+  const int64_t kw32 = (a.K + 31) / 32;
+  // Elementwise epilogues run over column chunks whose weights (kw32 * 64 bytes per group of 16
+  // columns) stay in L1 for all T steps of a block of rows; LayerNorm needs whole rows.
+  const bool whole_rows = a.epilogue == kEpilogueNone || a.epilogue == kEpilogueResidualLayerNorm;
+  const int64_t chunk =
+      whole_rows ? groups : std::max<int64_t>(4, (16384 / std::max<int64_t>(kw32 * 64, 1)) / 4 * 4);
+  const int64_t chunk_cols = std::min(chunk, groups) * 16;
+  // GELU is the reference's op called back on blocks of currents; each call costs microseconds,
+  // so a block spans `steps` steps of `sub` groups of R rows, about 128K floats.
+  int64_t block = 1, sub = 1;
+  if (a.epilogue == kEpilogueGelu) {
+    constexpr int64_t kTarget = 131072;
+    block = std::max<int64_t>(1, std::min<int64_t>(a.T, kTarget / (R * chunk_cols)));
+    sub = std::max<int64_t>(1, std::min<int64_t>(16, kTarget / (block * R * chunk_cols)));
+  }
+  const int64_t rows_per_block = R * sub;
+  Scratch<float> cur(block * rows_per_block * chunk_cols), membrane(rows_per_block * chunk_cols);
+  Scratch<int32_t> counts(rows_per_block * chunk_cols);
+  std::memset(cur.p, 0, sizeof(float) * block * rows_per_block * chunk_cols);
+  const bool layer_norm = a.epilogue == kEpilogueResidualLayerNorm && N > 0;
+  float ln_neg_mean[R * 16], ln_rstd[R * 16];  // per row of the current step (block == 1)
+  const uint32_t* rows[R];
+  const uint16_t* res16[R];
+  float* cur_rows[R];
+  int32_t popc[R];
+  for (int64_t mb = begin; mb < end; mb += rows_per_block) {
+    const int64_t mb_rows = std::min(rows_per_block, end - mb);
+    for (int64_t g0 = 0; g0 < groups; g0 += chunk) {
+      const int64_t g1 = std::min(groups, g0 + chunk);
+      const int64_t n0 = g0 * 16, valid_cols = std::min(N, g1 * 16) - n0;
+      std::memset(membrane.p, 0, sizeof(float) * rows_per_block * chunk_cols);
+      std::memset(counts.p, 0, sizeof(int32_t) * rows_per_block * chunk_cols);
+      for (int64_t t0 = 0; t0 < a.T; t0 += block) {
+        const int64_t steps = std::min(block, a.T - t0);
+        for (int64_t s = 0; s < steps; ++s) {
+          const int64_t t = t0 + s;
+          for (int64_t m0 = mb; m0 < mb + mb_rows; m0 += R) {
+            const int64_t rr = std::min<int64_t>(R, mb + mb_rows - m0);
+            for (int r = 0; r < R; ++r) {
+              // Short blocks repeat their last row; the duplicate results are never stored.
+              const int64_t row = t * a.M + m0 + std::min<int64_t>(r, rr - 1);
+              rows[r] = reinterpret_cast<const uint32_t*>(a.x + row * a.kw64);
+              popc[r] = masked_popcount(a.x + row * a.kw64, a.K, a.kw64);
+              if (a.residual != nullptr)
+                res16[r] = reinterpret_cast<const uint16_t*>(a.residual + row * a.nw64);
+              cur_rows[r] = cur.p + (s * rows_per_block + (m0 - mb) + r) * chunk_cols;
+            }
+            project_rows<R>(rows, popc, kw32, a.w_il, g0, g1, N, a.alpha, a.bias,
+                            a.residual != nullptr ? res16 : nullptr, cur_rows);
+            if (a.epilogue == kEpilogueNone) {
+              for (int64_t r = 0; r < rr; ++r)
+                std::memcpy(a.out + (t * a.M + m0 + r) * N, cur_rows[r], sizeof(float) * N);
+            } else if (layer_norm) {  // whole rows, one step per block: stats for the scan
+              const int64_t i0 = m0 - mb;
+              if (rr == R)
+                layer_norm_stats<R>(cur_rows, N, a.eps, ln_neg_mean + i0, ln_rstd + i0);
+              else
+                for (int64_t r = 0; r < rr; ++r)
+                  layer_norm_stats<1>(cur_rows + r, N, a.eps, ln_neg_mean + i0 + r,
+                                      ln_rstd + i0 + r);
+            }
+          }
+        }
+        if (a.epilogue == kEpilogueNone) continue;
+        if (a.epilogue == kEpilogueGelu) a.activation(cur.p, steps * rows_per_block * chunk_cols);
+        for (int64_t s = 0; s < steps; ++s) {
+          for (int64_t i = 0; i < mb_rows; ++i) {
+            const int64_t m = mb + i, row = (t0 + s) * a.M + m;
+            float* c = cur.p + (s * rows_per_block + i) * chunk_cols;
+            if (a.gate != nullptr) {
+              for (int64_t g = g0; g < g1; ++g) {
+                const __m512 gate = _mm512_maskz_loadu_ps(tail_mask16(N - g * 16), a.gate + g * 16);
+                float* cg = c + (g - g0) * 16;
+                _mm512_store_ps(cg, _mm512_mul_ps(_mm512_load_ps(cg), gate));
+              }
+            }
+            LayerNormApply ln{layer_norm ? ln_neg_mean[i] : 0.0f, layer_norm ? ln_rstd[i] : 0.0f,
+                              a.ln_weight, a.ln_bias};
+            scan_groups(a.neuron, c, membrane.p + i * chunk_cols, counts.p + i * chunk_cols, N, g0,
+                        g1, a.spikes + row * a.nw64, a.nw64, layer_norm ? &ln : nullptr,
+                        a.out != nullptr ? a.out + row * N : nullptr);
+          }
+        }
+      }
+      if (a.rates != nullptr && a.epilogue != kEpilogueNone)
+        for (int64_t i = 0; i < mb_rows; ++i)
+          write_rates(counts.p + i * chunk_cols, valid_cols, a.T, a.rates + (mb + i) * N + n0);
+    }
+  }
+}
+
+void scan_avx512(const ScanArgs& a, int64_t begin, int64_t end) {
+  const int64_t padded = ((a.N + 15) / 16) * 16;
+  Scratch<float> membrane(padded), cur(padded);
+  Scratch<int32_t> counts(padded);
+  std::memset(cur.p, 0, sizeof(float) * padded);
+  for (int64_t m = begin; m < end; ++m) {
+    std::memset(membrane.p, 0, sizeof(float) * padded);
+    std::memset(counts.p, 0, sizeof(int32_t) * padded);
+    for (int64_t t = 0; t < a.T; ++t) {
+      std::memcpy(cur.p, a.current + t * a.step_stride + m * a.N, sizeof(float) * a.N);
+      scan_groups(a.neuron, cur.p, membrane.p, counts.p, a.N, 0, (a.N + 15) / 16,
+                  a.spikes + (t * a.M + m) * a.nw64, a.nw64);
+    }
+    if (a.rates != nullptr) write_rates(counts.p, a.N, a.T, a.rates + m * a.N);
+  }
+}
+
+namespace {
+
+// Per-task scratch of attention_avx512 (tokens padded to Sp = 16 * blocks).
+struct AttentionScratch {
+  float* q_t;          // [width][Sp]   Q of the group, tokens in lanes
+  float* s_t;          // [S][kChunk*16] scores, then probabilities, of one query chunk
+  float* membrane;     // [width][Sp]
+  int32_t* counts;     // [width][Sp]
+  uint64_t* bits_t;    // [words][Sp]   A spike words of the group, tokens in lanes
+  uint64_t* v_t;       // [d][key_words] V bits of one head, keys per column
+};
+
+constexpr int64_t kChunk = 4;  // query blocks of 16 processed together (64 queries)
+
+// One head, one chunk of NB query blocks (16 queries each) starting at block blk0, one step:
+// scores, softmax, P.V and the A neuron scan, queries in lanes.
+template <int NB>
+void attend_chunk(const AttentionArgs& a, const AttentionScratch& w, int64_t Sp, int64_t row0,
+                  int64_t h, int64_t hc, int64_t blk0, const float* mask, int64_t key_words) {
+  const int64_t S = a.S, d = a.head_dim;
+  const float* q_head = w.q_t + hc * Sp + blk0 * 16;
+  const __m512 scale = _mm512_set1_ps(a.scale);
+  __m512 mx[NB];
+  for (int bb = 0; bb < NB; ++bb) mx[bb] = _mm512_set1_ps(-INFINITY);
+  // sT[j] = (sum over c in K[j], ascending, of qT[c]) * scale + mask[j]
+  for (int64_t j = 0; j < S; ++j) {
+    __m512 acc[NB];
+    for (int bb = 0; bb < NB; ++bb) acc[bb] = _mm512_setzero_ps();
+    const uint64_t* krow = a.k + (row0 + j) * a.nw64;
+    int64_t pos = h * d;
+    const int64_t end = pos + d;
+    while (pos < end) {
+      const int64_t off = pos & 63, take = std::min<int64_t>(64 - off, end - pos);
+      uint64_t bits = krow[pos >> 6] >> off;
+      if (take < 64) bits &= (uint64_t{1} << take) - 1;
+      const float* q = q_head + (pos - h * d) * Sp;
+      while (bits != 0) {
+        const float* qc = q + static_cast<int64_t>(_tzcnt_u64(bits)) * Sp;
+        for (int bb = 0; bb < NB; ++bb)
+          acc[bb] = _mm512_add_ps(acc[bb], _mm512_load_ps(qc + bb * 16));
+        bits = _blsr_u64(bits);
+      }
+      pos += take;
+    }
+    const __m512 mj = _mm512_set1_ps(mask[j]);
+    float* sj = w.s_t + j * kChunk * 16;
+    for (int bb = 0; bb < NB; ++bb) {
+      const __m512 sc = _mm512_add_ps(_mm512_mul_ps(acc[bb], scale), mj);
+      _mm512_store_ps(sj + bb * 16, sc);
+      mx[bb] = _mm512_max_ps(mx[bb], sc);
+    }
+  }
+  // Softmax down the keys in torch.softmax's order (softmax_sum): 16 lane sums, then the tree.
+  for (int bb = 0; bb < NB; ++bb) {
+    __m512 sum;
+    if (S < 16) {
+      sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < S; ++j) {
+        float* p = w.s_t + j * kChunk * 16 + bb * 16;
+        const __m512 e = sleef_expf_u10_v(_mm512_sub_ps(_mm512_load_ps(p), mx[bb]));
+        _mm512_store_ps(p, e);
+        sum = j == 0 ? e : _mm512_add_ps(sum, e);
+      }
+    } else {
+      __m512 lanes[16];
+      for (int64_t j0 = 0; j0 < S; j0 += 16) {
+        for (int l = 0; l < 16; ++l) {
+          if (j0 + l >= S) break;
+          float* p = w.s_t + (j0 + l) * kChunk * 16 + bb * 16;
+          const __m512 e = sleef_expf_u10_v(_mm512_sub_ps(_mm512_load_ps(p), mx[bb]));
+          _mm512_store_ps(p, e);
+          lanes[l] = j0 == 0 ? e : _mm512_add_ps(lanes[l], e);
+        }
+      }
+      for (int l = 0; l < 8; ++l) lanes[l] = _mm512_add_ps(lanes[l], lanes[l + 8]);
+      for (int l = 0; l < 4; ++l) lanes[l] = _mm512_add_ps(lanes[l], lanes[l + 4]);
+      for (int l = 0; l < 2; ++l) lanes[l] = _mm512_add_ps(lanes[l], lanes[l + 2]);
+      sum = _mm512_add_ps(lanes[0], lanes[1]);
+    }
+    const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), sum);
+    for (int64_t j = 0; j < S; ++j) {
+      float* p = w.s_t + j * kChunk * 16 + bb * 16;
+      _mm512_store_ps(p, _mm512_mul_ps(_mm512_load_ps(p), inv));
+    }
+  }
+  // aT[c] = sum over keys j with V[j, c] = 1, ascending, of pT[j]; then gate and the A scan.
+  const bool gated = a.gate != nullptr;
+  const __m512 gate = _mm512_set1_ps(gated ? a.gate[h] : 1.0f);
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int64_t c = 0; c < d; ++c) {
+    __m512 acc[NB];
+    for (int bb = 0; bb < NB; ++bb) acc[bb] = _mm512_setzero_ps();
+    const uint64_t* vc = w.v_t + c * key_words;
+    for (int64_t kw = 0; kw < key_words; ++kw) {
+      uint64_t bits = vc[kw];
+      while (bits != 0) {
+        const float* pj = w.s_t + (kw * 64 + static_cast<int64_t>(_tzcnt_u64(bits))) * kChunk * 16;
+        for (int bb = 0; bb < NB; ++bb)
+          acc[bb] = _mm512_add_ps(acc[bb], _mm512_load_ps(pj + bb * 16));
+        bits = _blsr_u64(bits);
+      }
+    }
+    const int64_t lc = hc + c;  // column within the group
+    const __m512i bit = _mm512_set1_epi64(static_cast<long long>(uint64_t{1} << (lc & 63)));
+    for (int bb = 0; bb < NB; ++bb) {
+      const int64_t blk = blk0 + bb;
+      __m512 cur = gated ? _mm512_mul_ps(acc[bb], gate) : acc[bb];
+      if (a.current != nullptr) {
+        alignas(64) float lanes[16];
+        _mm512_store_ps(lanes, cur);
+        for (int64_t l = 0; l < 16 && blk * 16 + l < S; ++l)
+          a.current[(row0 + blk * 16 + l) * a.heads * d + h * d + c] = lanes[l];
+      }
+      float* vm = w.membrane + lc * Sp + blk * 16;
+      __m512 v = _mm512_load_ps(vm);
+      const __mmask16 fired = neuron_step_v(a.neuron, cur, v) & tail_mask16(S - blk * 16);
+      _mm512_store_ps(vm, v);
+      int32_t* cnt = w.counts + lc * Sp + blk * 16;
+      const __m512i cv = _mm512_load_si512(cnt);
+      _mm512_store_si512(cnt, _mm512_mask_add_epi32(cv, fired, cv, one));
+      uint64_t* wb = w.bits_t + (lc >> 6) * Sp + blk * 16;
+      const __m512i lo = _mm512_load_si512(wb), hi = _mm512_load_si512(wb + 8);
+      _mm512_store_si512(wb, _mm512_mask_or_epi64(lo, static_cast<__mmask8>(fired), lo, bit));
+      _mm512_store_si512(wb + 8,
+                         _mm512_mask_or_epi64(hi, static_cast<__mmask8>(fired >> 8), hi, bit));
+    }
+  }
+}
+
+}  // namespace
+
+void attention_avx512(const AttentionArgs& a, int64_t begin, int64_t end) {
+  const int64_t S = a.S, d = a.head_dim, H = a.heads, HD = H * d;
+  const int64_t group = attention_group_heads(H, d);
+  const int64_t groups = (H + group - 1) / group;
+  const int64_t kw32 = (a.K + 31) / 32;
+  const int64_t blocks = (S + 15) / 16, Sp = blocks * 16;
+  const int64_t max_width = group * d, words = (max_width + 63) / 64;
+  const int64_t key_words = (S + 63) / 64;
+  Scratch<uint32_t> x_il(blocks * std::max<int64_t>(kw32, 1) * 16);
+  Scratch<int32_t> popc_x(Sp);
+  Scratch<uint32_t> wq32(max_width * std::max<int64_t>(kw32, 1));
+  Scratch<float> q_t(max_width * Sp), s_t(std::max<int64_t>(S, 1) * kChunk * 16),
+      membrane(max_width * Sp);
+  Scratch<int32_t> counts(max_width * Sp);
+  Scratch<uint64_t> bits_t(words * Sp), v_t(d * key_words);
+  const AttentionScratch w{q_t.p, s_t.p, membrane.p, counts.p, bits_t.p, v_t.p};
+  const uint32_t tail32 = last_word32_mask(a.K);
+
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / groups, g = task % groups;
+    const int64_t h0 = g * group, h1 = std::min(H, h0 + group);
+    const int64_t c0 = h0 * d, width = (h1 - h0) * d, width_words = (width + 63) / 64;
+    std::memset(membrane.p, 0, sizeof(float) * max_width * Sp);
+    std::memset(counts.p, 0, sizeof(int32_t) * max_width * Sp);
+    const float* mask = a.mask_add + b * S;
+    // This group's Q sign words, padding bits cleared.
+    for (int64_t c = 0; c < width; ++c) {
+      const uint32_t* w32 = reinterpret_cast<const uint32_t*>(a.wq + (c0 + c) * a.kw64);
+      for (int64_t k = 0; k < kw32; ++k)
+        wq32[c * kw32 + k] = k == kw32 - 1 ? w32[k] & tail32 : w32[k];
+    }
+
+    for (int64_t t = 0; t < a.T; ++t) {
+      const int64_t row0 = t * a.B * S + b * S;
+      // Tokens into vector lanes: x_il[block][k][lane] = word k of token block*16 + lane.
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        for (int64_t lane = 0; lane < 16; ++lane) {
+          const int64_t i = blk * 16 + lane;
+          const uint32_t* xr = i < S ? reinterpret_cast<const uint32_t*>(a.x + (row0 + i) * a.kw64)
+                                     : nullptr;
+          int32_t pc = 0;
+          for (int64_t k = 0; k < kw32; ++k) {
+            uint32_t word = xr != nullptr ? xr[k] : 0u;
+            if (k == kw32 - 1) word &= tail32;
+            x_il[(blk * kw32 + k) * 16 + lane] = word;
+            pc += static_cast<int32_t>(_mm_popcnt_u32(word));
+          }
+          popc_x[i] = pc;
+        }
+      }
+      // qT[c][i] for this group's columns: the exact projection with tokens in lanes, four
+      // columns per pass so each token word loaded feeds four popcounts.
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const uint32_t* xb = x_il.p + blk * kw32 * 16;
+        const __m512i popc = _mm512_load_si512(popc_x.p + blk * 16);
+        auto finish = [&](__m512i acc, int64_t cc) {
+          const __m512i count = _mm512_sub_epi32(_mm512_slli_epi32(acc, 1), popc);
+          const __m512 f =
+              _mm512_mul_ps(_mm512_cvtepi32_ps(count), _mm512_set1_ps(a.alpha_q[c0 + cc]));
+          _mm512_store_ps(q_t.p + cc * Sp + blk * 16,
+                          _mm512_add_ps(f, _mm512_set1_ps(a.bias_q[c0 + cc])));
+        };
+        int64_t c = 0;
+        for (; c + 4 <= width; c += 4) {
+          const uint32_t* w0 = wq32.p + c * kw32;
+          __m512i acc0 = _mm512_setzero_si512(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+          for (int64_t k = 0; k < kw32; ++k) {
+            const __m512i xv = _mm512_load_si512(xb + k * 16);
+            acc0 = popcount_add(acc0, xv, w0[k]);
+            acc1 = popcount_add(acc1, xv, w0[kw32 + k]);
+            acc2 = popcount_add(acc2, xv, w0[2 * kw32 + k]);
+            acc3 = popcount_add(acc3, xv, w0[3 * kw32 + k]);
+          }
+          finish(acc0, c);
+          finish(acc1, c + 1);
+          finish(acc2, c + 2);
+          finish(acc3, c + 3);
+        }
+        for (; c < width; ++c) {
+          const uint32_t* w0 = wq32.p + c * kw32;
+          __m512i acc = _mm512_setzero_si512();
+          for (int64_t k = 0; k < kw32; ++k)
+            acc = popcount_add(acc, _mm512_load_si512(xb + k * 16), w0[k]);
+          finish(acc, c);
+        }
+      }
+      std::memset(bits_t.p, 0, sizeof(uint64_t) * words * Sp);
+
+      for (int64_t h = h0; h < h1; ++h) {
+        const int64_t hc = (h - h0) * d;
+        // V bits of this head transposed: one key mask per column.
+        std::memset(v_t.p, 0, sizeof(uint64_t) * d * key_words);
+        for (int64_t j = 0; j < S; ++j)
+          for_each_set_bit(a.v + (row0 + j) * a.nw64, h * d, d, [&](int64_t c) {
+            v_t[c * key_words + (j >> 6)] |= uint64_t{1} << (j & 63);
+          });
+        for (int64_t blk0 = 0; blk0 < blocks; blk0 += kChunk) {
+          switch (std::min(kChunk, blocks - blk0)) {
+            case 4: attend_chunk<4>(a, w, Sp, row0, h, hc, blk0, mask, key_words); break;
+            case 3: attend_chunk<3>(a, w, Sp, row0, h, hc, blk0, mask, key_words); break;
+            case 2: attend_chunk<2>(a, w, Sp, row0, h, hc, blk0, mask, key_words); break;
+            default: attend_chunk<1>(a, w, Sp, row0, h, hc, blk0, mask, key_words); break;
+          }
+        }
+      }
+      // This task owns whole words [c0 / 64, c0 / 64 + width_words) of every A row.
+      for (int64_t i = 0; i < S; ++i)
+        for (int64_t wd = 0; wd < width_words; ++wd)
+          a.spikes[(row0 + i) * a.nw64 + c0 / 64 + wd] = bits_t[wd * Sp + i];
+    }
+    if (a.rates != nullptr) {
+      const float steps = static_cast<float>(a.T);
+      for (int64_t i = 0; i < S; ++i)
+        for (int64_t c = 0; c < width; ++c)
+          a.rates[(b * S + i) * HD + c0 + c] = static_cast<float>(counts[c * Sp + i]) / steps;
+    }
+  }
+}
+
+void bernoulli_avx512(const BernoulliArgs& a, int64_t begin, int64_t end) {
+  const int64_t blocks = (a.K + 15) / 16;
+  const __m512i m1 = _mm512_set1_epi32(0x7feb352d);
+  const __m512i m2 = _mm512_set1_epi32(static_cast<int>(0x846ca68bu));
+  auto mix = [&](__m512i x) {
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, m1);
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, m2);
+    return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  };
+  const __m512 two_m24 = _mm512_set1_ps(5.9604644775390625e-08f);
+  for (int64_t m = begin; m < end; ++m) {
+    const __m512i row_base = _mm512_set1_epi64(m * a.full_width);
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const __mmask16 valid = tail_mask16(a.K - blk * 16);
+      const __m512i lo = _mm512_add_epi64(
+          row_base, _mm512_maskz_loadu_epi64(static_cast<__mmask8>(valid), a.cols + blk * 16));
+      const __m512i hi = _mm512_add_epi64(
+          row_base,
+          _mm512_maskz_loadu_epi64(static_cast<__mmask8>(valid >> 8), a.cols + blk * 16 + 8));
+      const __m512i element = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)),
+                                                 _mm512_cvtepi64_epi32(hi), 1);
+      const __m512i mixed = mix(element);
+      const __m512 rate = _mm512_maskz_loadu_ps(valid, a.rates + m * a.K + blk * 16);
+      for (int64_t s = 0; s < a.steps; ++s) {
+        const __m512i key = _mm512_set1_epi32(static_cast<int>(a.step_keys[s]));
+        const __m512i h = mix(_mm512_xor_si512(mixed, key));
+        const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), two_m24);
+        const __mmask16 spike = _mm512_cmp_ps_mask(u, rate, _CMP_LT_OQ) & valid;
+        reinterpret_cast<uint16_t*>(a.spikes + (s * a.M + m) * a.kw64)[blk] = spike;
+      }
+    }
+    for (int64_t s = 0; s < a.steps; ++s)
+      for (int64_t blk = blocks; blk < a.kw64 * 4; ++blk)
+        reinterpret_cast<uint16_t*>(a.spikes + (s * a.M + m) * a.kw64)[blk] = 0;
+  }
+}
+
+}  // namespace spikeinfer_cpu
+
+#pragma GCC pop_options
