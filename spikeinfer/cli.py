@@ -147,7 +147,9 @@ def _add_training_flags(p, *, lr: float, timesteps: int | None = 32):
         default=timesteps,
         help="timesteps of the spiking simulation during training",
     )
-    p.add_argument("--backend", default="auto", help="backend of the no-grad spiking simulation")
+    p.add_argument("--backend", default="auto",
+                   help="backend of the no-grad spiking simulation of 1-bit models (auto: the "
+                        "fastest here); full-precision students simulate with the reference")
     p.add_argument("--device", default=None)
     p.add_argument("--max-length", type=int, default=64, help="truncate training sentences")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")

@@ -438,12 +438,16 @@ def distill(
                     f"{finished[-1]} does not fit this student: missing {missing}, "
                     f"unexpected {unexpected}"
                 )
-        student.to(device).to_backend(sim_backend)
+        # The kernel backends implement 1-bit projections only: full-precision stages simulate
+        # with the multi-step reference.
+        stage_backend = sim_backend if binary else "torch"
+        student.to(device).to_backend(stage_backend)
         module = DistillModule(student, teacher.config.hidden_size).to(device)
         projections = [out_root / s / PROJECTION_NAME for s in finished]
         if intermediate and projections and projections[-1].exists():
             module.proj.load_state_dict(torch.load(projections[-1], map_location=device))
-        log(event="stage_start", stage=stage, init=finished[-1] if finished else "teacher")
+        log(event="stage_start", stage=stage, init=finished[-1] if finished else "teacher",
+            backend=stage_backend)
         # The projection only serves intermediate KD; DDP needs every trainable tensor used.
         module.proj.requires_grad_(intermediate)
         ddp = torch.nn.parallel.DistributedDataParallel(module) if info.world > 1 else module
@@ -523,6 +527,8 @@ def distill(
             desc=f"{spec.name} {stage}",
             log=log,
         )
+        if metrics is None:  # resumed after the last step: nothing was evaluated
+            metrics = eval_fn(steps)
         if info.main:
             atomic_torch_save(module.proj.state_dict(), stage_dir / PROJECTION_NAME)
             save_checkpoint(
