@@ -147,9 +147,12 @@ def _add_training_flags(p, *, lr: float, timesteps: int | None = 32):
         default=timesteps,
         help="timesteps of the spiking simulation during training",
     )
-    p.add_argument("--backend", default="auto",
-                   help="backend of the no-grad spiking simulation of 1-bit models (auto: the "
-                        "fastest here); full-precision students simulate with the reference")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        help="backend of the no-grad spiking simulation of 1-bit models (auto: the "
+        "fastest here); full-precision students simulate with the reference",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--max-length", type=int, default=64, help="truncate training sentences")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
@@ -367,6 +370,42 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _add_bundle(sub):
+    p = sub.add_parser(
+        "bundle",
+        help="package a distillation run as a model folder with "
+        "results.json (metrics measured over a timestep sweep)",
+    )
+    p.add_argument("--run", required=True, help="distill --out folder")
+    p.add_argument("--teacher", required=True, help="finetune-teacher --out folder")
+    p.add_argument("--out", required=True, help="model folder to write (e.g. models/sst2-1bit)")
+    p.add_argument("--stage", default="1bit-pred")
+    p.add_argument("--glue-dir", default=None)
+    p.add_argument("--backend", default="auto")
+    p.add_argument(
+        "--timesteps",
+        default="1,2,4,8,16,32,64",
+        help="comma-separated T to evaluate besides T_conv",
+    )
+    p.set_defaults(func=cmd_bundle)
+
+
+def cmd_bundle(args) -> int:
+    from .bundle import bundle
+
+    timesteps = [int(t) for t in args.timesteps.split(",") if t.strip()]
+    bundle(
+        args.run,
+        args.teacher,
+        args.out,
+        stage=args.stage,
+        glue_dir=args.glue_dir,
+        backend=args.backend,
+        timesteps=timesteps,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .prune.commands import add_prune_parser, add_report_parser
 
@@ -384,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(sub)
     _add_validate(sub)
     _add_bench(sub)
+    _add_bundle(sub)
     return parser
 
 

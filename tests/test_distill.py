@@ -237,6 +237,31 @@ def test_distill_stages_and_resume(tiny_teacher, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     starts = {r["stage"]: r["init"] for r in log if r["event"] == "stage_start"}
     assert starts == {"fp-pred": "teacher", "1bit-pred": "fp-pred"}
+    # the run packages into a servable folder whose results.json matches a fresh evaluation
+    from spikeinfer.bundle import bundle
+    from spikeinfer.engine import evaluate, load
+
+    (tiny_teacher / "teacher_results.json").write_text(json.dumps({"teacher_accuracy": 50.0}))
+    res = bundle(
+        tmp_path / "run",
+        tiny_teacher,
+        tmp_path / "sst2-tiny",
+        glue_dir=str(GLUE),
+        backend="torch",
+        timesteps=(1,),
+        limit=16,
+    )
+    assert set(res["student_1bit_by_timesteps"]) == {"1", "8"} and res["teacher_accuracy"] == 50
+    again = evaluate(
+        load(tmp_path / "sst2-tiny"),
+        "sst2",
+        glue_dir=GLUE,
+        backend="torch",
+        batch_size=64,
+        progress=False,
+        limit=16,
+    )
+    assert again["accuracy"] == res["student_1bit"]["accuracy"]
     args.resume = True  # finished stages are skipped on resume
     again = distill(args, tiny_teacher, **kwargs)
     assert again["1bit-pred"] == results["1bit-pred"]
