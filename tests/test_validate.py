@@ -87,3 +87,28 @@ def test_cli_validate_json(tmp_path, capsys):
     )
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["passed"] and result["backend"] == "triton"
+
+
+@needs_glue
+def test_cli_eval_with_triton_backend(tmp_path, capsys):
+    path = save_checkpoint(word_model(3), tmp_path / "m", task="sst2")
+    code = cli.main(
+        [
+            "eval",
+            "--task",
+            "sst2",
+            "--model",
+            str(path),
+            "--glue-dir",
+            str(GLUE),
+            "--limit",
+            "3",
+            "--timesteps",
+            "2",
+            "--backend",
+            "triton",
+            "--json",
+        ]
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["backend"] == "triton" and result["n_examples"] == 3
