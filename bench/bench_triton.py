@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -73,24 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def import_kernels():
-    """`spikeinfer.kernels` when the project is installed, else loaded from the repo."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    try:
-        import spikeinfer.kernels as kernels
+    import spikeinfer.kernels as kernels
 
-        return kernels
-    except ImportError:
-        pass
-    import spikeinfer
-
-    spec = importlib.util.spec_from_file_location(
-        "spikeinfer.kernels", REPO / "kernels" / "__init__.py",
-        submodule_search_locations=[str(REPO / "kernels")])
-    kernels = importlib.util.module_from_spec(spec)
-    sys.modules["spikeinfer.kernels"] = kernels
-    spec.loader.exec_module(kernels)
-    spikeinfer.kernels = kernels
     return kernels
 
 

@@ -17,41 +17,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-import importlib.util  # noqa: E402
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import spikeinfer.kernels as kernels  # noqa: E402
 
-import spikeinfer  # noqa: E402
 from spikeinfer import ModelConfig, rng  # noqa: E402
 from spikeinfer.model import SpikingBert, _Recorder, compact  # noqa: E402
 from spikeinfer.neuron import if_multistep  # noqa: E402
 from spikeinfer.ops import attention_mask_additive  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _import_kernels():
-    """`spikeinfer.kernels` when installed; from the repo's kernels/ folder otherwise (the
-    package-dir mapping exists only in an installed project)."""
-    try:
-        import spikeinfer.kernels as kernels
-
-        return kernels
-    except ImportError:
-        pass
-    spec = importlib.util.spec_from_file_location(
-        "spikeinfer.kernels", REPO / "kernels" / "__init__.py",
-        submodule_search_locations=[str(REPO / "kernels")])
-    kernels = importlib.util.module_from_spec(spec)
-    sys.modules["spikeinfer.kernels"] = kernels
-    spec.loader.exec_module(kernels)
-    spikeinfer.kernels = kernels
-    return kernels
-
-
-kernels = _import_kernels()
 AVAILABLE, WHY = kernels.is_available()
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"triton backend unavailable: {WHY}")
 
@@ -558,14 +533,9 @@ def test_package_imports_without_triton():
     import subprocess
 
     code = (
-        "import sys, importlib.util\n"
+        "import sys\n"
         "sys.modules['triton'] = None  # any import of triton now fails\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
-        "spec = importlib.util.spec_from_file_location('spikeinfer.kernels', "
-        f"{str(REPO / 'kernels' / '__init__.py')!r}, "
-        f"submodule_search_locations=[{str(REPO / 'kernels')!r}])\n"
-        "m = importlib.util.module_from_spec(spec); sys.modules['spikeinfer.kernels'] = m\n"
-        "spec.loader.exec_module(m)\n"
+        "import spikeinfer.kernels as m\n"
         "import spikeinfer.kernels.backend\n"
         "ok, why = m.is_available()\n"
         "assert not ok and 'triton' in why, why\n"
