@@ -1,8 +1,11 @@
-"""Package a distillation run as a servable model folder with its measured `results.json`.
+"""Package a distillation or pruning run as a servable model folder with its `results.json`.
 
-The folder is the final stage's checkpoint (re-saved, so its word-embedding table is referenced,
-not stored) plus `results.json`: the teacher's dev metric, the full-precision spiking student's
-(as its stage measured it), and the 1-bit student's metric at every requested T, measured here.
+A distillation bundle is the final stage's checkpoint (re-saved, so its word-embedding table is
+referenced, not stored) plus `results.json`: the teacher's dev metric, the full-precision spiking
+student's (as its stage measured it), and the 1-bit student's metric at every requested T,
+measured here. A pruning bundle is one stage's compacted checkpoint, measured here in the mode the
+stage is evaluated in (`sequential` at its per-sublayer timesteps after temporal pruning), next to
+the baseline the run started from.
 """
 
 from __future__ import annotations
@@ -11,9 +14,22 @@ import json
 from pathlib import Path
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .engine import evaluate
+from .engine import default_mode, evaluate
 
 DEFAULT_TIMESTEPS = (1, 2, 4, 8, 16, 32, 64)
+# What results.json keeps of an evaluation.
+RESULT_KEYS = (
+    "accuracy",
+    "f1",
+    "mcc",
+    "pearson",
+    "spearman",
+    "acs_percent",
+    "normalized_c",
+    "latency",
+    "energy_mj",
+    "sentences_per_s",
+)
 
 
 def _last_eval(log_path: Path, stage: str) -> dict | None:
@@ -67,20 +83,7 @@ def bundle(
             progress=False,
             limit=limit,
         )
-        sweep[str(T)] = {
-            k: r[k]
-            for k in (
-                "accuracy",
-                "f1",
-                "mcc",
-                "pearson",
-                "spearman",
-                "acs_percent",
-                "normalized_c",
-                "sentences_per_s",
-            )
-            if k in r
-        }
+        sweep[str(T)] = {k: r[k] for k in RESULT_KEYS if k in r}
         print(json.dumps({"T": T, **sweep[str(T)]}), flush=True)
     results["student_1bit"] = sweep[str(t_conv)]
     results["student_1bit_by_timesteps"] = sweep
@@ -93,6 +96,89 @@ def bundle(
         label_names=meta.get("label_names"),
         provenance=meta.get("provenance"),
         metrics=results["student_1bit"],
+    )
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def bundle_pruned(
+    prune_dir,
+    out,
+    *,
+    stage: str = "temporal-retrain",
+    glue_dir=None,
+    backend: str = "auto",
+    batch_size: int = 32,
+    limit: int | None = None,
+) -> dict:
+    """Write `out` from the compacted model of `prune_dir/<stage>` and return its results.
+
+    Sequential-mode draws are keyed by position in the batch, so the measurement is reproduced
+    by the same seed and batch size: the default is `spikeinfer eval`'s, and results.json records
+    both."""
+    from .report import collect_runs, prune_commands
+
+    prune_dir, out = Path(prune_dir), Path(out)
+    stage_dir = prune_dir / stage
+    if not (stage_dir / "metrics.json").is_file():
+        raise FileNotFoundError(
+            f"{stage_dir} has no metrics.json: run `spikeinfer prune --out {prune_dir}` with a "
+            f"schedule that includes {stage!r} first"
+        )
+    stage_metrics = json.loads((stage_dir / "metrics.json").read_text())
+    model = load_checkpoint(stage_dir / "compact")
+    meta = model.checkpoint_meta
+    task = meta["task"]
+    mode = default_mode(model)
+    seed = stage_metrics["args"]["seed"]
+    r = evaluate(
+        model,
+        task,
+        glue_dir=glue_dir,
+        mode=mode,
+        seed=seed,
+        backend=backend,
+        batch_size=batch_size,
+        progress=False,
+        limit=limit,
+    )
+    results = {
+        "task": task,
+        "model": out.name,
+        "stage": stage,
+        "t_conv": model.config.t_conv,
+        "mode": mode,
+        "seed": seed,
+        "batch_size": batch_size,
+        "dev_limit": limit,
+        "student_1bit": {k: r[k] for k in RESULT_KEYS if k in r},
+        "stage_measured": {k: stage_metrics[k] for k in RESULT_KEYS if k in stage_metrics},
+        "timesteps": model.timesteps,
+        "t_emb": model.t_emb,
+        "heads_per_layer": [b.num_heads for b in model.layers],
+        "neurons_per_layer": [b.num_neurons for b in model.layers],
+        "backend": r["backend"],
+    }
+    baseline_path = prune_dir / "baseline" / "metrics.json"
+    if baseline_path.is_file():
+        base = json.loads(baseline_path.read_text())
+        results["baseline"] = {k: base[k] for k in RESULT_KEYS if k in base}
+        results["baseline"]["source"] = base.get("source")
+        source_results = Path(base.get("source", "")) / "results.json"
+        if source_results.is_file():
+            teacher = json.loads(source_results.read_text())
+            results.update({k: v for k, v in teacher.items() if k.startswith("teacher_")})
+    run = next((r for r in collect_runs(prune_dir.parent) if r.folder == prune_dir), None)
+    results["commands"] = prune_commands(run) if run is not None else []
+    print(json.dumps({"stage": stage, "mode": mode, **results["student_1bit"]}), flush=True)
+    save_checkpoint(
+        model,
+        out,
+        task=task,
+        label_names=meta.get("label_names"),
+        provenance=meta.get("provenance"),
+        metrics=results["student_1bit"],
+        extra={"mode": mode},
     )
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

@@ -38,7 +38,12 @@ def _add_eval(sub):
         help="auto (triton on CUDA, else cpu), triton, cpu, torch, torch-step",
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if present)")
-    p.add_argument("--mode", choices=("unrolled", "sequential"), default="unrolled")
+    p.add_argument(
+        "--mode",
+        choices=("unrolled", "sequential"),
+        default=None,
+        help="default: the model's own (sequential for temporally pruned models, else unrolled)",
+    )
     p.add_argument(
         "--timesteps",
         type=int,
@@ -301,7 +306,12 @@ def _add_validate(sub):
     p.add_argument("--task", required=True)
     p.add_argument("--glue-dir", default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--mode", choices=("unrolled", "sequential"), default="unrolled")
+    p.add_argument(
+        "--mode",
+        choices=("unrolled", "sequential"),
+        default=None,
+        help="default: the model's own (sequential for temporally pruned models, else unrolled)",
+    )
     p.add_argument("--timesteps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, default=None)
@@ -376,10 +386,16 @@ def _add_bundle(sub):
         help="package a distillation run as a model folder with "
         "results.json (metrics measured over a timestep sweep)",
     )
-    p.add_argument("--run", required=True, help="distill --out folder")
-    p.add_argument("--teacher", required=True, help="finetune-teacher --out folder")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="distill --out folder")
+    source.add_argument(
+        "--prune-run", help="prune --out folder: bundle one stage's compacted model"
+    )
+    p.add_argument("--teacher", help="finetune-teacher --out folder (with --run)")
     p.add_argument("--out", required=True, help="model folder to write (e.g. models/sst2-1bit)")
-    p.add_argument("--stage", default="1bit-pred")
+    p.add_argument(
+        "--stage", default=None, help="default: 1bit-pred (--run), temporal-retrain (--prune-run)"
+    )
     p.add_argument("--glue-dir", default=None)
     p.add_argument("--backend", default="auto")
     p.add_argument(
@@ -391,14 +407,27 @@ def _add_bundle(sub):
 
 
 def cmd_bundle(args) -> int:
-    from .bundle import bundle
+    from .bundle import bundle, bundle_pruned
 
+    if args.prune_run:
+        bundle_pruned(
+            args.prune_run,
+            args.out,
+            stage=args.stage or "temporal-retrain",
+            glue_dir=args.glue_dir,
+            backend=args.backend,
+        )
+        return 0
+    if not args.teacher:
+        raise SystemExit(
+            "spikeinfer: error: bundle --run needs --teacher (the folder with teacher_results.json)"
+        )
     timesteps = [int(t) for t in args.timesteps.split(",") if t.strip()]
     bundle(
         args.run,
         args.teacher,
         args.out,
-        stage=args.stage,
+        stage=args.stage or "1bit-pred",
         glue_dir=args.glue_dir,
         backend=args.backend,
         timesteps=timesteps,

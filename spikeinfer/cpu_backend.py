@@ -51,7 +51,8 @@ def _source_dir() -> Path:
         return path
     raise RuntimeError(
         "spikeinfer cpu backend: C++ sources not found (neither the spikeinfer.csrc package nor "
-        f"{path}); reinstall spikeinfer")
+        f"{path}); reinstall spikeinfer"
+    )
 
 
 def _check_toolchain():
@@ -59,7 +60,8 @@ def _check_toolchain():
     if shutil.which(cxx) is None:
         raise RuntimeError(
             f"spikeinfer cpu backend needs a C++ compiler to build its kernels, and {cxx!r} was "
-            "not found: install g++ (e.g. `apt-get install g++`) and ninja (`pip install ninja`)")
+            "not found: install g++ (e.g. `apt-get install g++`) and ninja (`pip install ninja`)"
+        )
     try:
         from torch.utils.cpp_extension import verify_ninja_availability
 
@@ -67,7 +69,8 @@ def _check_toolchain():
     except RuntimeError as err:
         raise RuntimeError(
             "spikeinfer cpu backend needs ninja to build its kernels: `pip install ninja` (and "
-            "g++, e.g. `apt-get install g++`)") from err
+            "g++, e.g. `apt-get install g++`)"
+        ) from err
 
 
 def _build_dir(sources: list[Path]) -> tuple[str, Path]:
@@ -102,7 +105,8 @@ def load_library():
             raise RuntimeError(_load_error)
         try:
             if not hasattr(torch.ops, _NAMESPACE) or not hasattr(
-                    getattr(torch.ops, _NAMESPACE), "binary_gemm"):
+                getattr(torch.ops, _NAMESPACE), "binary_gemm"
+            ):
                 src = _source_dir()
                 sources = sorted(src.glob("*.cpp")) + sorted(src.glob("*.h"))
                 name, build_dir = _build_dir(sources)
@@ -110,11 +114,16 @@ def load_library():
                     _check_toolchain()
                 from torch.utils.cpp_extension import load
 
-                load(name=name, sources=[str(s) for s in sources if s.suffix == ".cpp"],
-                     extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
-                     extra_include_paths=[str(src)], build_directory=str(build_dir),
-                     is_python_module=False,
-                     verbose=os.environ.get("SPIKEINFER_VERBOSE_BUILD") == "1")
+                load(
+                    name=name,
+                    sources=[str(s) for s in sources if s.suffix == ".cpp"],
+                    extra_cflags=_CFLAGS,
+                    extra_ldflags=_LDFLAGS,
+                    extra_include_paths=[str(src)],
+                    build_directory=str(build_dir),
+                    is_python_module=False,
+                    verbose=os.environ.get("SPIKEINFER_VERBOSE_BUILD") == "1",
+                )
             _register_fakes()
             _loaded = True
         except Exception as err:  # keep the reason for is_available() and later calls
@@ -178,33 +187,77 @@ def _register_fakes():
     @reg(f"{ns}::neuron_scan")
     def _neuron_scan(current, v_th, leak, fire_on_ge):
         T, M, N = current.shape
-        return (current.new_empty((T, M, _words(N)), dtype=torch.int64),
-                current.new_empty((M, N), dtype=torch.float32))
+        return (
+            current.new_empty((T, M, _words(N)), dtype=torch.int64),
+            current.new_empty((M, N), dtype=torch.float32),
+        )
 
     @reg(f"{ns}::spike_linear_neuron")
-    def _spike_linear_neuron(spikes, signs, in_features, alpha, bias, epilogue, residual,
-                             ln_weight, ln_bias, eps, gate, v_th, leak, fire_on_ge, return_current):
+    def _spike_linear_neuron(
+        spikes,
+        signs,
+        in_features,
+        alpha,
+        bias,
+        epilogue,
+        residual,
+        ln_weight,
+        ln_bias,
+        eps,
+        gate,
+        v_th,
+        leak,
+        fire_on_ge,
+        return_current,
+    ):
         T, M = spikes.shape[0], spikes.shape[1]
         N = signs.shape[0]
-        current = (spikes.new_empty((T, M, N), dtype=torch.float32) if return_current
-                   else spikes.new_empty((0,), dtype=torch.float32))
-        return (spikes.new_empty((T, M, _words(N)), dtype=torch.int64),
-                spikes.new_empty((M, N), dtype=torch.float32), current)
+        current = (
+            spikes.new_empty((T, M, N), dtype=torch.float32)
+            if return_current
+            else spikes.new_empty((0,), dtype=torch.float32)
+        )
+        return (
+            spikes.new_empty((T, M, _words(N)), dtype=torch.int64),
+            spikes.new_empty((M, N), dtype=torch.float32),
+            current,
+        )
 
     @reg(f"{ns}::spiking_attention_neuron")
-    def _attention(spikes, q_signs, in_features, q_alpha, q_bias, k_spikes, v_spikes, mask_add,
-                   head_gate, heads, v_th, leak, fire_on_ge, return_current):
+    def _attention(
+        spikes,
+        q_signs,
+        in_features,
+        q_alpha,
+        q_bias,
+        k_spikes,
+        v_spikes,
+        mask_add,
+        head_gate,
+        heads,
+        v_th,
+        leak,
+        fire_on_ge,
+        return_current,
+    ):
         T, B, S = spikes.shape[:3]
         HD = q_signs.shape[0]
-        current = (spikes.new_empty((T, B, S, HD), dtype=torch.float32) if return_current
-                   else spikes.new_empty((0,), dtype=torch.float32))
-        return (spikes.new_empty((T, B, S, _words(HD)), dtype=torch.int64),
-                spikes.new_empty((B, S, HD), dtype=torch.float32), current)
+        current = (
+            spikes.new_empty((T, B, S, HD), dtype=torch.float32)
+            if return_current
+            else spikes.new_empty((0,), dtype=torch.float32)
+        )
+        return (
+            spikes.new_empty((T, B, S, _words(HD)), dtype=torch.int64),
+            spikes.new_empty((B, S, HD), dtype=torch.float32),
+            current,
+        )
 
     @reg(f"{ns}::bernoulli_pack")
     def _bernoulli_pack(rates, columns, full_width, seed, stream, steps):
-        return rates.new_empty((steps, *rates.shape[:-1], _words(rates.shape[-1])),
-                               dtype=torch.int64)
+        return rates.new_empty(
+            (steps, *rates.shape[:-1], _words(rates.shape[-1])), dtype=torch.int64
+        )
 
     _fakes_registered = True
 
@@ -225,49 +278,111 @@ def unpack_spikes(packed: torch.Tensor, features: int) -> torch.Tensor:
     return _ops().unpack_spikes(packed, features)
 
 
-def binary_gemm(spikes: torch.Tensor, signs: torch.Tensor, in_features: int, alpha: torch.Tensor,
-                bias: torch.Tensor) -> torch.Tensor:
+def binary_gemm(
+    spikes: torch.Tensor,
+    signs: torch.Tensor,
+    in_features: int,
+    alpha: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
     """count * alpha + bias for packed spikes [..., Kw] and packed signs [N, Kw] -> float [..., N];
     equal to `spikeinfer.ops.spike_linear` on the unpacked tensors."""
     return _ops().binary_gemm(spikes, signs, in_features, alpha, bias)
 
 
-def neuron_scan(current: torch.Tensor, v_th: float = 1.0, leak: float = 1.0,
-                fire_on_ge: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def neuron_scan(
+    current: torch.Tensor, v_th: float = 1.0, leak: float = 1.0, fire_on_ge: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """IF/LIF over current [T, M, N] (stride 0 over T allowed) -> (packed spikes [T, M, Nw],
     rates [M, N] = spike count / T)."""
     return _ops().neuron_scan(current, float(v_th), float(leak), bool(fire_on_ge))
 
 
-def spike_linear_neuron(spikes, signs, in_features, alpha, bias, *, epilogue=EPILOGUE_PLAIN,
-                        residual=None, ln_weight=None, ln_bias=None, eps=1e-12, gate=None,
-                        v_th=1.0, leak=1.0, fire_on_ge=True, return_current=False):
+def spike_linear_neuron(
+    spikes,
+    signs,
+    in_features,
+    alpha,
+    bias,
+    *,
+    epilogue=EPILOGUE_PLAIN,
+    residual=None,
+    ln_weight=None,
+    ln_bias=None,
+    eps=1e-12,
+    gate=None,
+    v_th=1.0,
+    leak=1.0,
+    fire_on_ge=True,
+    return_current=False,
+):
     """Binary projection of packed spikes [T, M, Kw] for all T, epilogue, then the neuron scan.
 
     Returns (packed spikes [T, M, Nw], rates [M, N] = spike count / T, the neuron's input current
     [T, M, N] when `return_current`, else an empty tensor)."""
-    return _ops().spike_linear_neuron(spikes, signs, in_features, alpha, bias, int(epilogue),
-                                      residual, ln_weight, ln_bias, float(eps), gate, float(v_th),
-                                      float(leak), bool(fire_on_ge), bool(return_current))
+    return _ops().spike_linear_neuron(
+        spikes,
+        signs,
+        in_features,
+        alpha,
+        bias,
+        int(epilogue),
+        residual,
+        ln_weight,
+        ln_bias,
+        float(eps),
+        gate,
+        float(v_th),
+        float(leak),
+        bool(fire_on_ge),
+        bool(return_current),
+    )
 
 
-def spiking_attention_neuron(spikes, q_signs, in_features, q_alpha, q_bias, k_spikes, v_spikes,
-                             mask_add, heads, *, head_gate=None, v_th=1.0, leak=1.0,
-                             fire_on_ge=True, return_current=False):
+def spiking_attention_neuron(
+    spikes,
+    q_signs,
+    in_features,
+    q_alpha,
+    q_bias,
+    k_spikes,
+    v_spikes,
+    mask_add,
+    heads,
+    *,
+    head_gate=None,
+    v_th=1.0,
+    leak=1.0,
+    fire_on_ge=True,
+    return_current=False,
+):
     """Q = binary projection of spikes [T, B, S, Kw]; per head softmax(Q S_K^T / sqrt(d) + mask)
     S_V (times the head gate); then the A neuron scan. Returns (packed A spikes [T, B, S, Nw],
     rates [B, S, H*d], A current [T, B, S, H*d] when `return_current`, else empty)."""
-    return _ops().spiking_attention_neuron(spikes, q_signs, in_features, q_alpha, q_bias,
-                                           k_spikes, v_spikes, mask_add, head_gate, int(heads),
-                                           float(v_th), float(leak), bool(fire_on_ge),
-                                           bool(return_current))
+    return _ops().spiking_attention_neuron(
+        spikes,
+        q_signs,
+        in_features,
+        q_alpha,
+        q_bias,
+        k_spikes,
+        v_spikes,
+        mask_add,
+        head_gate,
+        int(heads),
+        float(v_th),
+        float(leak),
+        bool(fire_on_ge),
+        bool(return_current),
+    )
 
 
 def bernoulli_pack(rates, columns, full_width, seed, stream, steps) -> torch.Tensor:
     """Packed Bernoulli spikes [steps, ..., Kw] drawn from rates [..., K] with the counter hash of
     `spikeinfer.rng` (element = row * full_width + columns[k])."""
-    return _ops().bernoulli_pack(rates, columns, int(full_width), int(seed), int(stream),
-                                 int(steps))
+    return _ops().bernoulli_pack(
+        rates, columns, int(full_width), int(seed), int(stream), int(steps)
+    )
 
 
 # -- whole-model simulation -------------------------------------------------------------------
@@ -277,8 +392,14 @@ _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "ffn1", "ffn2")
 def _projection_key(proj) -> tuple:
     """Changes whenever the projection's signs or scales can have changed."""
     if proj.frozen:
-        return ("frozen", proj.signs.data_ptr(), proj.signs._version, proj.alpha.data_ptr(),
-                proj.alpha._version, tuple(proj.signs.shape))
+        return (
+            "frozen",
+            proj.signs.data_ptr(),
+            proj.signs._version,
+            proj.alpha.data_ptr(),
+            proj.alpha._version,
+            tuple(proj.signs.shape),
+        )
     return ("latent", proj.weight.data_ptr(), proj.weight._version, tuple(proj.weight.shape))
 
 
@@ -298,8 +419,12 @@ def packed_weights(model) -> list[dict]:
                 packed = pack_signs(signs.detach().float().contiguous())
                 hit = (key, packed, alpha.detach().float().contiguous())
                 cache[(l, name)] = hit
-            entry[name] = (hit[1], hit[2], proj.bias.detach().float().contiguous(),
-                           proj.in_features)
+            entry[name] = (
+                hit[1],
+                hit[2],
+                proj.bias.detach().float().contiguous(),
+                proj.in_features,
+            )
         out.append(entry)
     return out
 
@@ -315,8 +440,9 @@ class _Record:
         self.steps: dict[str, int] = {}
         self.instant: dict[str, torch.Tensor] | None = {} if traces else None
 
-    def add(self, name: str, packed: torch.Tensor, rates: torch.Tensor,
-            features: int) -> torch.Tensor:
+    def add(
+        self, name: str, packed: torch.Tensor, rates: torch.Tensor, features: int
+    ) -> torch.Tensor:
         steps = packed.shape[0]
         rate = rates.reshape(self.B, self.N, features)
         self.rates[name] = rate
@@ -340,9 +466,19 @@ def _empty_spikes(T: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(T, rows, 0, dtype=torch.int64), torch.zeros(rows, 0)
 
 
-def simulate(model, input_ids, attention_mask=None, token_type_ids=None, *, mode="unrolled",
-             timesteps=None, seed: int = 0, record_traces: bool = False, head_mask=None,
-             neuron_mask=None):
+def simulate(
+    model,
+    input_ids,
+    attention_mask=None,
+    token_type_ids=None,
+    *,
+    mode="unrolled",
+    timesteps=None,
+    seed: int = 0,
+    record_traces: bool = False,
+    head_mask=None,
+    neuron_mask=None,
+):
     """Simulate a 1-bit `SpikingBert` with the C++ kernels; same semantics and output format as
     `SpikingBert.forward` with the reference backends (`_simulate_unrolled` /
     `_simulate_sequential`), returning a `spikeinfer.model.SpikingOutput`."""
@@ -353,24 +489,31 @@ def simulate(model, input_ids, attention_mask=None, token_type_ids=None, *, mode
     if not model.config.binary:
         raise BackendUnavailableError(
             "the cpu backend runs 1-bit models only (config.binary=True); this model is full "
-            "precision: use backend 'torch' or 'torch-step'")
+            "precision: use backend 'torch' or 'torch-step'"
+        )
     try:
         load_library()
     except RuntimeError as err:
         raise BackendUnavailableError(str(err)) from err
     input_ids, attention_mask, token_type_ids = model._check_inputs(
-        input_ids, attention_mask, token_type_ids)
+        input_ids, attention_mask, token_type_ids
+    )
     if input_ids.device.type != "cpu":
         raise BackendUnavailableError(
-            f"the cpu backend needs CPU tensors, got inputs on {input_ids.device}")
+            f"the cpu backend needs CPU tensors, got inputs on {input_ids.device}"
+        )
     with torch.no_grad():
         E = model.embeddings(input_ids, token_type_ids).float().contiguous()
         B, N, _ = E.shape
         valid = attention_mask.to(E.dtype)
         mask_add = ops.attention_mask_additive(attention_mask, E.dtype)[:, 0, 0, :].contiguous()
-        gates = [(None if hg is None else hg.detach().float().contiguous(),
-                  None if ng is None else ng.detach().float().contiguous())
-                 for hg, ng in model.gates(head_mask, neuron_mask)]
+        gates = [
+            (
+                None if hg is None else hg.detach().float().contiguous(),
+                None if ng is None else ng.detach().float().contiguous(),
+            )
+            for hg, ng in model.gates(head_mask, neuron_mask)
+        ]
         weights = packed_weights(model)
         rec = _Record(valid, B, N, record_traces)
         if mode == "unrolled":
@@ -407,8 +550,9 @@ def _threshold(model, index: int) -> float:
 
 def _linear(w, x, index, model, **kw):
     signs, alpha, bias, k = w
-    spikes, rates, _ = spike_linear_neuron(x, signs, k, alpha, bias, v_th=_threshold(model, index),
-                                            **_neuron(model), **kw)
+    spikes, rates, _ = spike_linear_neuron(
+        x, signs, k, alpha, bias, v_th=_threshold(model, index), **_neuron(model), **kw
+    )
     return spikes, rates
 
 
@@ -439,8 +583,19 @@ def _block_sublayers(model, l, block, w, gate, mask_add, rec, steps_of, x_in, dr
         v_in = draws("A", "V", sV, a_v).view(T_a, B, N, -1)
         signs, alpha, bias, k = w["q_proj"]
         sA, cA, _ = spiking_attention_neuron(
-            xa.view(T_a, B, N, -1), signs, k, alpha, bias, k_in, v_in, mask_add, block.num_heads,
-            head_gate=hg, v_th=_threshold(model, i + 2), **_neuron(model))
+            xa.view(T_a, B, N, -1),
+            signs,
+            k,
+            alpha,
+            bias,
+            k_in,
+            v_in,
+            mask_add,
+            block.num_heads,
+            head_gate=hg,
+            v_th=_threshold(model, i + 2),
+            **_neuron(model),
+        )
         sA = sA.view(T_a, B * N, -1)
         a_a = rec.add(f"{l}.A", sA, cA, nd)
     else:  # every head pruned: K, V, A are empty and O1 sees only its bias and residual
@@ -449,9 +604,17 @@ def _block_sublayers(model, l, block, w, gate, mask_add, rec, steps_of, x_in, dr
             rec.add(f"{l}.{name}", sE, cE, 0)
         sA, a_a = None, torch.zeros(B, N, 0)
     a_in = draws("O1", "A", sA, a_a)
-    sO1, cO1 = _linear(w["o_proj"], a_in, i + 3, model, epilogue=EPILOGUE_LAYERNORM,
-                       residual=x_in("O1"), ln_weight=ln1.weight.detach().float().contiguous(),
-                       ln_bias=ln1.bias.detach().float().contiguous(), eps=ln1.eps)
+    sO1, cO1 = _linear(
+        w["o_proj"],
+        a_in,
+        i + 3,
+        model,
+        epilogue=EPILOGUE_LAYERNORM,
+        residual=x_in("O1"),
+        ln_weight=ln1.weight.detach().float().contiguous(),
+        ln_bias=ln1.bias.detach().float().contiguous(),
+        eps=ln1.eps,
+    )
     a_o1 = rec.add(f"{l}.O1", sO1, cO1, D)
     o1_in = draws("F", "O1", sO1, a_o1)
     if nf > 0:
@@ -461,28 +624,38 @@ def _block_sublayers(model, l, block, w, gate, mask_add, rec, steps_of, x_in, dr
         sF, cF = _empty_spikes(steps_of("F"), B * N)
         a_f = rec.add(f"{l}.F", sF, cF, 0)
     f_in = draws("O2", "F", sF, a_f)
-    sO2, cO2 = _linear(w["ffn2"], f_in, i + 5, model, epilogue=EPILOGUE_LAYERNORM,
-                       residual=draws("O2", "O1", sO1, a_o1),
-                       ln_weight=ln2.weight.detach().float().contiguous(),
-                       ln_bias=ln2.bias.detach().float().contiguous(), eps=ln2.eps)
+    sO2, cO2 = _linear(
+        w["ffn2"],
+        f_in,
+        i + 5,
+        model,
+        epilogue=EPILOGUE_LAYERNORM,
+        residual=draws("O2", "O1", sO1, a_o1),
+        ln_weight=ln2.weight.detach().float().contiguous(),
+        ln_bias=ln2.bias.detach().float().contiguous(),
+        eps=ln2.eps,
+    )
     a_o2 = rec.add(f"{l}.O2", sO2, cO2, D)
     return sO2, a_o2
 
 
 def _unrolled(model, E, mask_add, gates, weights, rec, T):
     B, N, D = E.shape
-    x, rates = neuron_scan(E.view(1, B * N, D).expand(T, B * N, D), _threshold(model, 0),
-                            **_neuron(model))
+    x, rates = neuron_scan(
+        E.view(1, B * N, D).expand(T, B * N, D), _threshold(model, 0), **_neuron(model)
+    )
     rec.add("emb", x, rates, D)
     for l, (block, w, gate) in enumerate(zip(model.layers, weights, gates, strict=True)):
+
         def x_in(sublayer, x=x):
             return x
 
         def draws(sublayer, source, spikes, rate):
             return spikes if spikes is not None else torch.zeros(T, B * N, 0, dtype=torch.int64)
 
-        x, _ = _block_sublayers(model, l, block, w, gate, mask_add, rec, lambda sublayer: T, x_in,
-                                draws)
+        x, _ = _block_sublayers(
+            model, l, block, w, gate, mask_add, rec, lambda sublayer: T, x_in, draws
+        )
 
 
 def _sequential(model, E, mask_add, gates, weights, rec, seed):
@@ -495,24 +668,29 @@ def _sequential(model, E, mask_add, gates, weights, rec, seed):
     sub_index = {name: j for j, name in enumerate(SUBLAYERS)}
     in_index = {name: j for j, name in enumerate(rng.INPUTS)}
     t_emb = model.t_emb
-    x, rates = neuron_scan(E.view(1, B * N, D).expand(t_emb, B * N, D), _threshold(model, 0),
-                            **_neuron(model))
+    x, rates = neuron_scan(
+        E.view(1, B * N, D).expand(t_emb, B * N, D), _threshold(model, 0), **_neuron(model)
+    )
     a_x = rec.add("emb", x, rates, D)
     x_cols = torch.arange(D)
     for l, (block, w, gate) in enumerate(zip(model.layers, weights, gates, strict=True)):
         steps = dict(zip(SUBLAYERS, model.timesteps[l], strict=True))
         # Original column of every feature and the uncompacted width it lives in (rng.py).
-        columns = {"x": (x_cols, D), "O1": (x_cols, D),
-                   "K": (block.attention_columns().cpu(), H * d),
-                   "V": (block.attention_columns().cpu(), H * d),
-                   "A": (block.attention_columns().cpu(), H * d),
-                   "F": (block.kept_neurons.cpu(), cfg.intermediate_size)}
+        columns = {
+            "x": (x_cols, D),
+            "O1": (x_cols, D),
+            "K": (block.attention_columns().cpu(), H * d),
+            "V": (block.attention_columns().cpu(), H * d),
+            "A": (block.attention_columns().cpu(), H * d),
+            "F": (block.kept_neurons.cpu(), cfg.intermediate_size),
+        }
 
         def draw(sublayer, source, rate, l=l, steps=steps, columns=columns):
             cols, width = columns[source]
             stream = rng.stream_id(l, sub_index[sublayer], in_index[source])
-            packed = bernoulli_pack(rate.float().contiguous(), cols, width, seed, stream,
-                                    steps[sublayer])
+            packed = bernoulli_pack(
+                rate.float().contiguous(), cols, width, seed, stream, steps[sublayer]
+            )
             return packed.view(steps[sublayer], B * N, packed.shape[-1])
 
         def x_in(sublayer, a_x=a_x, draw=draw):
@@ -521,5 +699,6 @@ def _sequential(model, E, mask_add, gates, weights, rec, seed):
         def draws(sublayer, source, spikes, rate, draw=draw):
             return draw(sublayer, source, rate)
 
-        _, a_x = _block_sublayers(model, l, block, w, gate, mask_add, rec, steps.__getitem__,
-                                  x_in, draws)
+        _, a_x = _block_sublayers(
+            model, l, block, w, gate, mask_add, rec, steps.__getitem__, x_in, draws
+        )

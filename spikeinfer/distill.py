@@ -446,8 +446,12 @@ def distill(
         projections = [out_root / s / PROJECTION_NAME for s in finished]
         if intermediate and projections and projections[-1].exists():
             module.proj.load_state_dict(torch.load(projections[-1], map_location=device))
-        log(event="stage_start", stage=stage, init=finished[-1] if finished else "teacher",
-            backend=stage_backend)
+        log(
+            event="stage_start",
+            stage=stage,
+            init=finished[-1] if finished else "teacher",
+            backend=stage_backend,
+        )
         # The projection only serves intermediate KD; DDP needs every trainable tensor used.
         module.proj.requires_grad_(intermediate)
         ddp = torch.nn.parallel.DistributedDataParallel(module) if info.world > 1 else module

@@ -108,6 +108,12 @@ def bundled_models() -> dict[str, str]:
     return chosen
 
 
+def default_mode(model: SpikingBert) -> str:
+    """The mode a checkpoint is meant to run in: what its pruning stage recorded (`sequential`
+    after temporal pruning), else `unrolled`."""
+    return getattr(model, "checkpoint_meta", {}).get("mode") or "unrolled"
+
+
 def load(path_or_name, device=None) -> SpikingBert:
     """Load a checkpoint folder or a bundled model by name (e.g. "sst2-1bit")."""
     from .checkpoint import load_checkpoint
@@ -155,7 +161,7 @@ def evaluate(
     split: str | None = None,
     glue_dir=None,
     batch_size: int = 32,
-    mode: str = "unrolled",
+    mode: str | None = None,
     timesteps=None,
     seed: int = 0,
     limit: int | None = None,
@@ -168,11 +174,11 @@ def evaluate(
 ) -> dict:
     """Evaluate `model` on a GLUE split; returns the DESIGN section 10 result object.
 
-    `timesteps` is T for unrolled mode or a per-sublayer list for sequential mode (default the
-    model's). Percentages are 0-100. Under torchrun (torch.distributed initialised, world > 1)
-    every process evaluates every world-th length bucket and the results are gathered, so each
-    process returns the metrics of the whole split; `shard=(rank, world)` selects buckets by
-    hand and returns that shard's result alone.
+    `mode` defaults to the model's own (`default_mode`). `timesteps` is T for unrolled mode or a
+    per-sublayer list for sequential mode (default the model's). Percentages are 0-100. Under
+    torchrun (torch.distributed initialised, world > 1) every process evaluates every world-th
+    length bucket and the results are gathered, so each process returns the metrics of the whole
+    split; `shard=(rank, world)` selects buckets by hand and returns that shard's result alone.
     """
     from tqdm import tqdm
 
@@ -185,6 +191,7 @@ def evaluate(
         raise ValueError(f"limit must be >= 1, got {limit}")
     spec = get_task(task)
     split = spec.resolve_split(split or "dev")
+    mode = mode or default_mode(model)
     if backend is not None:
         model.to_backend(resolve_backend(backend))
     dataset = load_glue(spec.name, split, glue_dir)

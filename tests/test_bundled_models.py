@@ -24,8 +24,18 @@ def test_bundled_model_matches_its_results(folder):
     assert (folder / "model.safetensors").stat().st_size + (
         folder / "config.json"
     ).stat().st_size <= 5 * 1024 * 1024
+    model = load(folder)
+    mode = results.get("mode", "unrolled")
+    assert model.checkpoint_meta.get("mode", "unrolled") == mode  # what `eval` runs by default
     result = evaluate(
-        load(folder), task, glue_dir=GLUE, backend="cpu", batch_size=64, progress=False
+        model,
+        task,
+        glue_dir=GLUE,
+        backend="cpu",
+        batch_size=results.get("batch_size", 64),
+        mode=mode,
+        seed=results.get("seed", 0),
+        progress=False,
     )
     expected = results["student_1bit"]
     for key in ("accuracy", "f1", "mcc"):

@@ -97,8 +97,14 @@ def test_missing_compiler_is_reported(tmp_path):
 
     env = {**os.environ, "CXX": "/nonexistent/c++", "SPIKEINFER_CACHE_DIR": str(tmp_path)}
     code = "from spikeinfer import cpu_backend as cb; print(cb.is_available())"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True, cwd=Path(__file__).resolve().parent.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert "False" in out.stdout and "g++" in out.stdout and "ninja" in out.stdout
 
 
@@ -136,8 +142,9 @@ def test_binary_gemm_ignores_padding_bits_and_leading_dims():
 
 def test_binary_gemm_empty_input_features():
     alpha, bias = torch.rand(4), torch.randn(4)
-    out = cb.binary_gemm(torch.zeros(5, 0, dtype=torch.int64), torch.zeros(4, 0, dtype=torch.int64),
-                         0, alpha, bias)
+    out = cb.binary_gemm(
+        torch.zeros(5, 0, dtype=torch.int64), torch.zeros(4, 0, dtype=torch.int64), 0, alpha, bias
+    )
     ref = ops.spike_linear(torch.zeros(5, 0), torch.zeros(4, 0), alpha, bias)
     assert torch.equal(out, ref)
 
@@ -195,8 +202,9 @@ def test_spike_linear_neuron(T, M, K, N, epilogue, monkeypatch):
     xp, wp = cb.pack_spikes(x), cb.pack_signs(signs)
 
     def run():
-        return cb.spike_linear_neuron(xp, wp, K, alpha, bias, epilogue=epilogue, v_th=0.6,
-                                      return_current=True, **kw)
+        return cb.spike_linear_neuron(
+            xp, wp, K, alpha, bias, epilogue=epilogue, v_th=0.6, return_current=True, **kw
+        )
 
     fast, portable = both_paths(run, monkeypatch)
     assert_same(fast, portable)
@@ -212,8 +220,10 @@ def test_spike_linear_neuron(T, M, K, N, epilogue, monkeypatch):
 
 
 # -- attention ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("T,B,S,D,H", [(1, 1, 1, 16, 2), (3, 2, 7, 32, 4), (2, 3, 37, 96, 3),
-                                       (2, 2, 20, 24, 3), (2, 2, 70, 384, 12)])
+@pytest.mark.parametrize(
+    "T,B,S,D,H",
+    [(1, 1, 1, 16, 2), (3, 2, 7, 32, 4), (2, 3, 37, 96, 3), (2, 2, 20, 24, 3), (2, 2, 70, 384, 12)],
+)
 @pytest.mark.parametrize("gated", [False, True])
 def test_spiking_attention_neuron(T, B, S, D, H, gated, monkeypatch):
     gen = torch.Generator().manual_seed(T * B * S + D + H + gated)
@@ -222,12 +232,13 @@ def test_spiking_attention_neuron(T, B, S, D, H, gated, monkeypatch):
     signs, alpha, bias = random_binary(D, D, gen)
     am = torch.ones(B, S, dtype=torch.long)
     if S > 2:
-        am[0, S - 2:] = 0
+        am[0, S - 2 :] = 0
     mask_add = ops.attention_mask_additive(am)
     gate = (torch.arange(H) % 2 == 0).float() * 0.75 + 0.25 if gated else None
     q = ops.spike_linear(x, signs, alpha, bias).view(T, B, S, H, d).transpose(2, 3)
-    out = ops.spiking_attention(q, k.view(T, B, S, H, d).transpose(2, 3),
-                                v.view(T, B, S, H, d).transpose(2, 3), mask_add)
+    out = ops.spiking_attention(
+        q, k.view(T, B, S, H, d).transpose(2, 3), v.view(T, B, S, H, d).transpose(2, 3), mask_add
+    )
     if gate is not None:
         out = out * gate.view(1, 1, H, 1, 1)
     ref_current = out.transpose(2, 3).reshape(T, B, S, D)
@@ -235,9 +246,19 @@ def test_spiking_attention_neuron(T, B, S, D, H, gated, monkeypatch):
 
     def run():
         return cb.spiking_attention_neuron(
-            cb.pack_spikes(x), cb.pack_signs(signs), D, alpha, bias, cb.pack_spikes(k),
-            cb.pack_spikes(v), mask_add[:, 0, 0, :].contiguous(), H, head_gate=gate, v_th=0.05,
-            return_current=True)
+            cb.pack_spikes(x),
+            cb.pack_signs(signs),
+            D,
+            alpha,
+            bias,
+            cb.pack_spikes(k),
+            cb.pack_spikes(v),
+            mask_add[:, 0, 0, :].contiguous(),
+            H,
+            head_gate=gate,
+            v_th=0.05,
+            return_current=True,
+        )
 
     fast, portable = both_paths(run, monkeypatch)
     assert_same(fast, portable)
@@ -281,15 +302,69 @@ def _opcheck_cases():
         (ops_.unpack_spikes, (x, K)),
         (ops_.binary_gemm, (x[0], wp, K, alpha, bias)),
         (ops_.neuron_scan, (torch.randn(3, 4, 20, generator=gen), 0.5, 1.0, True)),
-        (ops_.spike_linear_neuron, (x, wp, K, alpha, bias, 1, None, None, None, 1e-12, None, 0.5,
-                                    1.0, True, False)),
-        (ops_.spike_linear_neuron, (x, wp, K, alpha, bias, 2, None, None, None, 1e-12,
-                                    torch.rand(N, generator=gen), 0.5, 0.9, True, True)),
-        (ops_.spike_linear_neuron, (x, wp, K, alpha, bias, 3, res, torch.ones(N), torch.zeros(N),
-                                    1e-12, None, 0.5, 1.0, False, False)),
-        (ops_.spiking_attention_neuron, (x.view(T, B, S, -1), cb.pack_signs(random_binary(N, K)[0]),
-                                         K, torch.rand(N), torch.randn(N), kv, kv,
-                                         torch.zeros(B, S), None, H, 0.1, 1.0, True, True)),
+        (
+            ops_.spike_linear_neuron,
+            (x, wp, K, alpha, bias, 1, None, None, None, 1e-12, None, 0.5, 1.0, True, False),
+        ),
+        (
+            ops_.spike_linear_neuron,
+            (
+                x,
+                wp,
+                K,
+                alpha,
+                bias,
+                2,
+                None,
+                None,
+                None,
+                1e-12,
+                torch.rand(N, generator=gen),
+                0.5,
+                0.9,
+                True,
+                True,
+            ),
+        ),
+        (
+            ops_.spike_linear_neuron,
+            (
+                x,
+                wp,
+                K,
+                alpha,
+                bias,
+                3,
+                res,
+                torch.ones(N),
+                torch.zeros(N),
+                1e-12,
+                None,
+                0.5,
+                1.0,
+                False,
+                False,
+            ),
+        ),
+        (
+            ops_.spiking_attention_neuron,
+            (
+                x.view(T, B, S, -1),
+                cb.pack_signs(random_binary(N, K)[0]),
+                K,
+                torch.rand(N),
+                torch.randn(N),
+                kv,
+                kv,
+                torch.zeros(B, S),
+                None,
+                H,
+                0.1,
+                1.0,
+                True,
+                True,
+            ),
+        ),
         (ops_.bernoulli_pack, (torch.rand(B, S, 30, generator=gen), torch.arange(30), 30, 1, 2, 3)),
     ]
 
@@ -308,8 +383,14 @@ def firing_model(seed=0, **overrides):
     model = SpikingBert(cfg).eval()
     with torch.no_grad():
         for block in model.layers:
-            for p in (block.q_proj, block.k_proj, block.v_proj, block.o_proj, block.ffn1,
-                      block.ffn2):
+            for p in (
+                block.q_proj,
+                block.k_proj,
+                block.v_proj,
+                block.o_proj,
+                block.ffn1,
+                block.ffn2,
+            ):
                 p.weight.normal_(0, 1.0)
                 p.bias.normal_(0.3, 0.3)
     return model
@@ -319,10 +400,10 @@ def inputs(B=3, N=7, vocab=100, seed=1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (B, N), generator=g)
     am = torch.ones(B, N, dtype=torch.long)
-    am[1 % B, N - 2:] = 0
-    am[2 % B, N - 3:] = 0
+    am[1 % B, N - 2 :] = 0
+    am[2 % B, N - 3 :] = 0
     tt = torch.zeros(B, N, dtype=torch.long)
-    tt[:, N // 2:] = 1
+    tt[:, N // 2 :] = 1
     return ids, am, tt
 
 
@@ -339,12 +420,22 @@ def attention_exact_here(model, B, N) -> bool:
     signs, alpha, bias = random_binary(D, D, gen)
     q = ops.spike_linear(x, signs, alpha, bias).view(2, B, N, H, d).transpose(2, 3)
     mask_add = torch.zeros(B, 1, 1, N)
-    ref = ops.spiking_attention(q, k.view(2, B, N, H, d).transpose(2, 3),
-                                v.view(2, B, N, H, d).transpose(2, 3), mask_add)
+    ref = ops.spiking_attention(
+        q, k.view(2, B, N, H, d).transpose(2, 3), v.view(2, B, N, H, d).transpose(2, 3), mask_add
+    )
     ref = ref.transpose(2, 3).reshape(2, B, N, D)
     _, _, got = cb.spiking_attention_neuron(
-        cb.pack_spikes(x), cb.pack_signs(signs), D, alpha, bias, cb.pack_spikes(k),
-        cb.pack_spikes(v), mask_add[:, 0, 0].contiguous(), H, return_current=True)
+        cb.pack_spikes(x),
+        cb.pack_signs(signs),
+        D,
+        alpha,
+        bias,
+        cb.pack_spikes(k),
+        cb.pack_spikes(v),
+        mask_add[:, 0, 0].contiguous(),
+        H,
+        return_current=True,
+    )
     return torch.equal(got, ref)
 
 
@@ -455,8 +546,9 @@ def test_model_paths_identical_and_weight_cache(monkeypatch):
     model = firing_model(seed=8)
     ids, am, tt = inputs(seed=9)
     with torch.no_grad():
-        fast, portable = both_paths(lambda: cb.simulate(model, ids, am, tt, timesteps=4),
-                                    monkeypatch)
+        fast, portable = both_paths(
+            lambda: cb.simulate(model, ids, am, tt, timesteps=4), monkeypatch
+        )
         for name in fast.rates:
             assert torch.equal(fast.rates[name], portable.rates[name]), name
         assert torch.equal(fast.logits, portable.logits)
@@ -483,8 +575,8 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(RuntimeError, match="words"):
         cb.binary_gemm(x, torch.zeros(3, 2, dtype=torch.int64), 10, torch.ones(3), torch.ones(3))
     with pytest.raises(RuntimeError, match="float32"):
-        cb.binary_gemm(x, torch.zeros(3, 1, dtype=torch.int64), 10, torch.ones(3).double(),
-                       torch.ones(3))
+        cb.binary_gemm(
+            x, torch.zeros(3, 1, dtype=torch.int64), 10, torch.ones(3).double(), torch.ones(3)
+        )
     with pytest.raises(ValueError, match="mode"):
         cb.simulate(firing_model(), *inputs(), mode="bogus")
-

@@ -147,8 +147,17 @@ def test_eval_bundled_default_task_all_and_truncation(tmp_path, monkeypatch, cap
     save_checkpoint(word_model(3), models / "sst2-1bit", task="sst2")
     save_checkpoint(word_model(4), models / "mrpc-1bit", task="mrpc")
     monkeypatch.setenv("SPIKEINFER_MODELS", str(models))
-    common = ["--glue-dir", str(GLUE), "--limit", "3", "--timesteps", "2", "--backend", "torch",
-              "--json"]
+    common = [
+        "--glue-dir",
+        str(GLUE),
+        "--limit",
+        "3",
+        "--timesteps",
+        "2",
+        "--backend",
+        "torch",
+        "--json",
+    ]
     assert cli.main(["eval", "--task", "sst2", *common]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["model"] == "sst2-1bit" and result["n_examples"] == 3
@@ -170,8 +179,19 @@ def test_eval_missing_data_offline_is_clear(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = save_checkpoint(word_model(6), tmp_path / "m", task="rte")
-    code = cli.main(["eval", "--task", "rte", "--model", str(path), "--glue-dir", str(GLUE),
-                     "--backend", "torch"])
+    code = cli.main(
+        [
+            "eval",
+            "--task",
+            "rte",
+            "--model",
+            str(path),
+            "--glue-dir",
+            str(GLUE),
+            "--backend",
+            "torch",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "SPIKEINFER_GLUE_DIR" in err and "RTE" in err
 
@@ -180,14 +200,49 @@ def test_eval_missing_data_offline_is_clear(tmp_path, monkeypatch, capsys):
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_eval_data_parallel_with_two_gloo_processes(tmp_path):
     path = save_checkpoint(word_model(7), tmp_path / "m", task="sst2")
-    args = ["--task", "sst2", "--model", str(path), "--glue-dir", str(GLUE), "--limit", "10",
-            "--timesteps", "2", "--batch-size", "2", "--backend", "torch", "--json"]
+    args = [
+        "--task",
+        "sst2",
+        "--model",
+        str(path),
+        "--glue-dir",
+        str(GLUE),
+        "--limit",
+        "10",
+        "--timesteps",
+        "2",
+        "--batch-size",
+        "2",
+        "--backend",
+        "torch",
+        "--json",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "spikeinfer", "eval", *args],
-                            capture_output=True, text=True, env=env, check=True, cwd=REPO)
-    ddp = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", "29523", "-m",
-                          "spikeinfer", "eval", *args], capture_output=True, text=True, env=env,
-                         cwd=REPO)
+    single = subprocess.run(
+        [sys.executable, "-m", "spikeinfer", "eval", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        cwd=REPO,
+    )
+    ddp = subprocess.run(
+        [
+            "torchrun",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29523",
+            "-m",
+            "spikeinfer",
+            "eval",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     one, two = json.loads(single.stdout), json.loads(ddp.stdout)  # only rank 0 prints
     assert two["n_examples"] == 10
@@ -202,8 +257,7 @@ def test_masked_and_compacted_models_report_the_same_costs():
     model = word_model(8)
     model.head_mask[0, 1:3] = 0
     model.neuron_mask[1, ::2] = 0
-    kwargs = {"glue_dir": GLUE, "limit": 4, "timesteps": 3, "backend": "torch",
-              "progress": False}
+    kwargs = {"glue_dir": GLUE, "limit": 4, "timesteps": 3, "backend": "torch", "progress": False}
     masked = evaluate(model, "sst2", **kwargs)
     compacted = evaluate(compact(model), "sst2", **kwargs)
     for key in ("accuracy", "acs_percent", "normalized_c", "energy_mj"):

@@ -1,6 +1,7 @@
 """End to end: a tiny random model through the two-stage schedule on SST-2, resume, report."""
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -11,7 +12,7 @@ from helpers import firing_model
 from spikeinfer import cost
 from spikeinfer.checkpoint import load_checkpoint, save_checkpoint
 from spikeinfer.data import load_glue, load_tokenizer, tokenize
-from spikeinfer.prune.commands import add_prune_parser, add_report_parser
+from spikeinfer.prune.commands import add_prune_parser, add_report_parser, prune_args
 from spikeinfer.prune.schedule import TWO_STAGE
 
 GLUE = Path(os.environ.get("SPIKEINFER_GLUE_DIR") or "/work/shared/data/glue")
@@ -63,6 +64,7 @@ def test_two_stage_writes_every_stage_and_acs_match_cost_model(run):
     for stage in TWO_STAGE:
         metrics = json.loads((out / stage / "metrics.json").read_text())
         assert metrics["n_examples"] == EVAL_LIMIT and 0 <= metrics["accuracy"] <= 100
+        assert metrics["run_seconds"] >= 0
         if stage == "baseline":
             assert metrics["acs_percent"] == pytest.approx(100.0)
             continue
@@ -110,6 +112,22 @@ def test_report_tables_and_plots(run):
     row = next(line for line in text.splitlines() if line.startswith("| Two-stage |"))
     assert f"{two_stage['accuracy']:.2f}" in row and f"{two_stage['acs_percent']:.2f}" in row
     assert "| Adaptive threshold |" in text and "| Joint retraining | - |" in text
+    assert "| sst2 | paper | 86.58 | 85 | 87.27 | 41.53 | 86.58 | 13.04 |" in text
+    ours = next(line for line in text.splitlines() if line.startswith("| sst2 | ours |"))
+    assert f"{two_stage['accuracy']:.2f} | {two_stage['acs_percent']:.2f}" in ours
+    # The listed commands parse back to the arguments the stages recorded.
+    commands = [line for line in text.splitlines() if line.startswith("spikeinfer prune ")]
+    recorded = {
+        json.dumps(json.loads((out / s / "metrics.json").read_text())["args"])
+        for s in ("baseline", "spatial-ablation")
+    }
+    parsed = set()
+    for command in commands:
+        parser = argparse.ArgumentParser()
+        args = add_prune_parser(parser.add_subparsers()).parse_args(command.split()[2:])
+        parsed.add(json.dumps({**dataclasses.asdict(prune_args(args)), "resume": False}))
+    recorded = {json.dumps({**json.loads(r), "resume": False}) for r in recorded}
+    assert parsed == recorded
     if _has_matplotlib():
         for kind in ("asr", "timesteps", "metric_vs_acs"):
             assert (md.parent / f"pruning_sst2_{kind}.png").stat().st_size > 1000
@@ -130,3 +148,35 @@ def test_cli_rejects_bad_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _cli(["prune", "--task", "sst2", "--model", "x", "--out", "o", "--schedule", "nope"])
     assert "unknown schedule" in capsys.readouterr().err
+
+
+def test_bundle_pruned_stage_serves_in_its_mode(run, tmp_path):
+    from spikeinfer.cli import main
+
+    root, out = run
+    folder = tmp_path / "sst2-1bit-pruned"
+    argv = ["bundle", "--prune-run", str(out), "--out", str(folder), "--glue-dir", str(GLUE)]
+    assert main([*argv, "--backend", "torch"]) == 0
+    results = json.loads((folder / "results.json").read_text())
+    stage = json.loads((out / "temporal-retrain" / "metrics.json").read_text())
+    assert results["stage"] == "temporal-retrain" and results["mode"] == "sequential"
+    assert results["baseline"]["acs_percent"] == pytest.approx(100.0)
+    assert results["timesteps"] == stage["timesteps"]
+    assert any("--schedule two-stage" in c for c in results["commands"])
+    # `eval` runs the bundled model in its own mode by default and reproduces results.json
+    # (on the whole dev set here, where the stage itself measured only EVAL_LIMIT examples).
+    model = load_checkpoint(folder)
+    assert model.checkpoint_meta["mode"] == "sequential"
+    from spikeinfer.engine import evaluate
+
+    again = evaluate(
+        model,
+        "sst2",
+        glue_dir=GLUE,
+        backend="torch",
+        batch_size=results["batch_size"],
+        progress=False,
+    )
+    assert again["mode"] == "sequential"
+    assert again["accuracy"] == pytest.approx(results["student_1bit"]["accuracy"], abs=1e-9)
+    assert again["latency"] == pytest.approx(stage["latency"])

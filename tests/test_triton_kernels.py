@@ -70,18 +70,29 @@ def _scale(k: int) -> float:
     return 1.0 / max(1.0, (0.4 * k) ** 0.5)
 
 
-def compare_spikes(name: str, got: torch.Tensor, current: torch.Tensor, v_th: float,
-                   leak: float = 1.0, fire_on_ge: bool = True, exact: bool = False,
-                   tol: float | None = None) -> float:
+def compare_spikes(
+    name: str,
+    got: torch.Tensor,
+    current: torch.Tensor,
+    v_th: float,
+    leak: float = 1.0,
+    fire_on_ge: bool = True,
+    exact: bool = False,
+    tol: float | None = None,
+) -> float:
     """Check kernel spikes [T, ...] against the reference scan of the reference `current`.
 
     A neuron's first mismatch must sit at a near-threshold tie (|H - Vth| <= tol); later steps of
     that neuron follow from its shifted membrane and are not held against it. Returns the flip
     fraction (mismatched spikes / all spikes); `exact` demands zero mismatches.
     """
-    ref, membrane = if_multistep(current.float(), torch.tensor(v_th, dtype=torch.float32,
-                                                               device=current.device),
-                                 leak, fire_on_ge=fire_on_ge, return_membrane=True)
+    ref, membrane = if_multistep(
+        current.float(),
+        torch.tensor(v_th, dtype=torch.float32, device=current.device),
+        leak,
+        fire_on_ge=fire_on_ge,
+        return_membrane=True,
+    )
     charge = membrane + v_th * ref  # H[t] = V[t] + Vth * S[t]
     got = got.to(ref.dtype)
     assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
@@ -96,10 +107,12 @@ def compare_spikes(name: str, got: torch.Tensor, current: torch.Tensor, v_th: fl
     neurons = flat_bad.any(0).nonzero().flatten()
     gaps = (charge.reshape(charge.shape[0], -1)[first_t[neurons], neurons] - v_th).abs()
     where = [(int(first_t[n]), *torch.unravel_index(n, bad.shape[1:])) for n in neurons[:8]]
-    report = (f"{name}: {n_bad} of {bad.numel()} spikes differ ({fraction:.2e}) in "
-              f"{len(neurons)} neurons; first (t, index...) {[tuple(map(int, w)) for w in where]}; "
-              f"|H - Vth| at first mismatch: max {float(gaps.max()):.3e}, "
-              f"values {[f'{float(g):.2e}' for g in gaps[:8]]}")
+    report = (
+        f"{name}: {n_bad} of {bad.numel()} spikes differ ({fraction:.2e}) in "
+        f"{len(neurons)} neurons; first (t, index...) {[tuple(map(int, w)) for w in where]}; "
+        f"|H - Vth| at first mismatch: max {float(gaps.max()):.3e}, "
+        f"values {[f'{float(g):.2e}' for g in gaps[:8]]}"
+    )
     print(report)
     assert not exact, report
     assert float(gaps.max()) <= tol, "not a near-threshold tie: " + report
@@ -112,8 +125,9 @@ def test_bernoulli_matches_rng(rows, cols, steps, offset):
     rates = torch.rand(rows, cols, generator=_gen(rows)).to(DEVICE)
     original = torch.arange(cols, device=DEVICE) * 2 + offset  # a compacted column subset
     width = 2 * cols + offset
-    got = bernoulli_spikes(rates, seed=11, stream=rng.stream_id(1, 2, 3), steps=steps,
-                           cols=original, full_width=width)
+    got = bernoulli_spikes(
+        rates, seed=11, stream=rng.stream_id(1, 2, 3), steps=steps, cols=original, full_width=width
+    )
     elements = torch.arange(rows, device=DEVICE)[:, None] * width + original[None, :]
     want = rng.bernoulli_spikes(rates, 11, rng.stream_id(1, 2, 3), range(steps), elements)
     assert torch.equal(got.float(), want)
@@ -129,14 +143,18 @@ def test_bernoulli_large_elements_wrap_like_reference():
 
 
 # -- neuron scan --------------------------------------------------------------------------------
-@pytest.mark.parametrize("T,M,N,leak,ge", [(1, 1, 1, 1.0, True), (5, 37, 19, 1.0, True),
-                                           (4, 3, 70, 0.9, True), (3, 17, 5, 1.0, False)])
+@pytest.mark.parametrize(
+    "T,M,N,leak,ge",
+    [(1, 1, 1, 1.0, True), (5, 37, 19, 1.0, True), (4, 3, 70, 0.9, True), (3, 17, 5, 1.0, False)],
+)
 @pytest.mark.parametrize("constant", [False, True])
 def test_if_scan_exact(T, M, N, leak, ge, constant):
-    current = (torch.randn(M, N, generator=_gen(T)) if constant
-               else torch.randn(T, M, N, generator=_gen(T))).to(DEVICE) * 0.7 + 0.4
-    spikes, counts = if_scan(current, 0.83, leak, timesteps=T if constant else None,
-                             fire_on_ge=ge)
+    current = (
+        torch.randn(M, N, generator=_gen(T))
+        if constant
+        else torch.randn(T, M, N, generator=_gen(T))
+    ).to(DEVICE) * 0.7 + 0.4
+    spikes, counts = if_scan(current, 0.83, leak, timesteps=T if constant else None, fire_on_ge=ge)
     full = current.expand(T, M, N) if constant else current
     ref = if_multistep(full, 0.83, leak, fire_on_ge=ge)
     compare_spikes("if_scan", spikes, full, 0.83, leak, ge, exact=True)
@@ -176,8 +194,9 @@ def test_spike_linear_none_is_exact(T, M, N, K):
 @pytest.mark.parametrize("v_th,leak,ge", [(1.0, 1.0, True), (0.61, 0.9, True), (0.8, 1.0, False)])
 def test_spike_linear_plain_is_exact(T, M, N, K, v_th, leak, ge):
     x, signs, alpha, bias = _linear_case(T, M, N, K, seed=T + M)
-    spikes, counts = spike_linear(x, signs, alpha, bias, epilogue="plain", v_th=v_th, leak=leak,
-                                  fire_on_ge=ge)
+    spikes, counts = spike_linear(
+        x, signs, alpha, bias, epilogue="plain", v_th=v_th, leak=leak, fire_on_ge=ge
+    )
     _, current = reference_spike_linear(x, signs, alpha, bias, return_current=True)
     compare_spikes("plain", spikes, current, v_th, leak, ge, exact=True)
     ref = if_multistep(current, v_th, leak, fire_on_ge=ge)
@@ -188,8 +207,9 @@ def test_spike_linear_small_blocks_and_options():
     # Blocks smaller than the problem: several programs along M, N and K iterations.
     T, M, N, K = 2, 41, 45, 67
     x, signs, alpha, bias = _linear_case(T, M, N, K, seed=5)
-    spikes, counts = spike_linear(x, signs, alpha, None, blocks=(16, 16, 32),
-                                  out_dtype=torch.float32)
+    spikes, counts = spike_linear(
+        x, signs, alpha, None, blocks=(16, 16, 32), out_dtype=torch.float32
+    )
     assert spikes.dtype == torch.float32
     _, current = reference_spike_linear(x, signs, alpha, None, return_current=True)
     compare_spikes("plain/no bias", spikes, current, 1.0, exact=True)
@@ -214,8 +234,9 @@ def test_spike_linear_gelu(T, M, N, K):
     x, signs, alpha, bias = _linear_case(T, M, N, K, seed=7)
     gate = (torch.rand(N, generator=_gen(3)) < 0.7).float().to(DEVICE)
     spikes, counts = spike_linear(x, signs, alpha, bias, epilogue="gelu", gate=gate, v_th=0.4)
-    _, current = reference_spike_linear(x, signs, alpha, bias, epilogue="gelu", gate=gate,
-                                        return_current=True)
+    _, current = reference_spike_linear(
+        x, signs, alpha, bias, epilogue="gelu", gate=gate, return_current=True
+    )
     assert compare_spikes("gelu", spikes, current, 0.4) < 1e-3
     assert int(counts[:, gate == 0].sum()) == 0, "gated neurons get no current and never fire"
 
@@ -225,11 +246,30 @@ def test_spike_linear_residual_layernorm(T, M, N, K):
     x, signs, alpha, bias = _linear_case(T, M, N, K, seed=9)
     residual = _spikes((T, M, N), 0.5, 10)
     ln_w, ln_b = _vec(N, 11, 1.0, 0.2), _vec(N, 12, 0.4, 0.3)
-    spikes, counts = spike_linear(x, signs, alpha, bias, epilogue="ln", residual=residual,
-                                  ln_weight=ln_w, ln_bias=ln_b, ln_eps=1e-12, v_th=0.9)
-    _, current = reference_spike_linear(x, signs, alpha, bias, epilogue="ln", residual=residual,
-                                        ln_weight=ln_w, ln_bias=ln_b, ln_eps=1e-12,
-                                        return_current=True)
+    spikes, counts = spike_linear(
+        x,
+        signs,
+        alpha,
+        bias,
+        epilogue="ln",
+        residual=residual,
+        ln_weight=ln_w,
+        ln_bias=ln_b,
+        ln_eps=1e-12,
+        v_th=0.9,
+    )
+    _, current = reference_spike_linear(
+        x,
+        signs,
+        alpha,
+        bias,
+        epilogue="ln",
+        residual=residual,
+        ln_weight=ln_w,
+        ln_bias=ln_b,
+        ln_eps=1e-12,
+        return_current=True,
+    )
     assert compare_spikes("ln", spikes, current, 0.9) < 1e-3
     ref = if_multistep(current, 0.9)
     assert (counts - ref.sum(0).to(torch.int32)).abs().sum() <= (spikes.float() != ref).sum()
@@ -246,17 +286,29 @@ def test_spike_linear_drawn_inputs_match_rng(epilogue, T, M, N, K):
     kwargs = {}
     if epilogue == "ln":
         r_rates = torch.rand(M, N, generator=_gen(3)).to(DEVICE)
-        kwargs = {"residual": DrawnSpikes(r_rates, 4, 77), "ln_weight": _vec(N, 5, 1.0, 0.1),
-                  "ln_bias": _vec(N, 6, 0.3, 0.2)}
-    out, _ = spike_linear(DrawnSpikes(rates, 4, 21, cols, full_k), signs, alpha, bias,
-                          epilogue=epilogue, timesteps=T, v_th=0.7, **kwargs)
+        kwargs = {
+            "residual": DrawnSpikes(r_rates, 4, 77),
+            "ln_weight": _vec(N, 5, 1.0, 0.1),
+            "ln_bias": _vec(N, 6, 0.3, 0.2),
+        }
+    out, _ = spike_linear(
+        DrawnSpikes(rates, 4, 21, cols, full_k),
+        signs,
+        alpha,
+        bias,
+        epilogue=epilogue,
+        timesteps=T,
+        v_th=0.7,
+        **kwargs,
+    )
     elements = torch.arange(M, device=DEVICE)[:, None] * full_k + cols[None, :]
     x = rng.bernoulli_spikes(rates, 4, 21, range(T), elements)
     ref_kwargs = dict(kwargs)
     if epilogue == "ln":
         ref_kwargs["residual"] = rng.bernoulli_spikes(r_rates, 4, 77, range(T))
-    want, current = reference_spike_linear(x, signs, alpha, bias, epilogue=epilogue, v_th=0.7,
-                                           return_current=True, **ref_kwargs)
+    want, current = reference_spike_linear(
+        x, signs, alpha, bias, epilogue=epilogue, v_th=0.7, return_current=True, **ref_kwargs
+    )
     if epilogue == "none":
         assert torch.equal(out, want)
     else:
@@ -265,7 +317,12 @@ def test_spike_linear_drawn_inputs_match_rng(epilogue, T, M, N, K):
 
 # -- spiking attention --------------------------------------------------------------------------
 ATTENTION = [  # batch, seq, head dim, heads, T
-    (1, 1, 8, 1, 1), (2, 13, 8, 3, 3), (3, 31, 32, 2, 2), (1, 67, 64, 1, 2), (2, 5, 17, 2, 1)]
+    (1, 1, 8, 1, 1),
+    (2, 13, 8, 3, 3),
+    (3, 31, 32, 2, 2),
+    (1, 67, 64, 1, 2),
+    (2, 5, 17, 2, 1),
+]
 
 
 def _attention_case(B, N, d, h, T, seed=0):
@@ -274,7 +331,7 @@ def _attention_case(B, N, d, h, T, seed=0):
     s_k, s_v = _spikes((T, M, W), 0.5, seed + 1), _spikes((T, M, W), 0.4, seed + 2)
     tokens = torch.ones(B, N)
     for b in range(1, B):  # padding: later sequences shorter
-        tokens[b, max(1, N - 4 * b):] = 0
+        tokens[b, max(1, N - 4 * b) :] = 0
     mask = attention_mask_additive(tokens.to(DEVICE)).reshape(B, N).contiguous()
     return q, s_k, s_v, mask
 
@@ -284,12 +341,11 @@ def test_spiking_attention(B, N, d, h, T):
     q, s_k, s_v, mask = _attention_case(B, N, d, h, T)
     gate = torch.linspace(1.0, 0.0, h).to(DEVICE) if h > 1 else None
     v_th = 0.37  # generic: away from the sum-of-probabilities ties at 1.0 (see the model test)
-    spikes, counts = spiking_attention(q, s_k, s_v, mask, batch=B, head_dim=d, gate=gate,
-                                       v_th=v_th)
+    spikes, counts = spiking_attention(q, s_k, s_v, mask, batch=B, head_dim=d, gate=gate, v_th=v_th)
     current = reference_attention_current(q, s_k, s_v, mask, B, d, gate)
     assert compare_spikes("attention", spikes, current, v_th) < 1e-3
     if gate is not None:
-        assert int(counts[:, (h - 1) * d:].sum()) == 0, "a head gated to 0 never fires"
+        assert int(counts[:, (h - 1) * d :].sum()) == 0, "a head gated to 0 never fires"
 
 
 def test_spiking_attention_unit_threshold_ties_are_only_ties():
@@ -313,8 +369,20 @@ def test_spiking_attention_drawn_kv(B, N, d, h, T):
     cols = (kept[:, None] * d + torch.arange(d, device=DEVICE)).reshape(-1)
     a_k = torch.rand(M, W, generator=_gen(4)).to(DEVICE)
     a_v = torch.rand(M, W, generator=_gen(5)).to(DEVICE)
-    spikes, _ = spiking_attention(q, a_k, a_v, mask, batch=B, head_dim=d, v_th=0.37, seed=8,
-                                  k_stream=30, v_stream=31, cols=cols, full_width=4 * d)
+    spikes, _ = spiking_attention(
+        q,
+        a_k,
+        a_v,
+        mask,
+        batch=B,
+        head_dim=d,
+        v_th=0.37,
+        seed=8,
+        k_stream=30,
+        v_stream=31,
+        cols=cols,
+        full_width=4 * d,
+    )
     elements = torch.arange(M, device=DEVICE)[:, None] * (4 * d) + cols[None, :]
     s_k = rng.bernoulli_spikes(a_k, 8, 30, range(T), elements)
     s_v = rng.bernoulli_spikes(a_v, 8, 31, range(T), elements)
@@ -352,9 +420,9 @@ def _inputs(B=3, N=13, seed=0):
     ids = torch.randint(0, 100, (B, N), generator=g)
     mask = torch.ones(B, N, dtype=torch.long)
     for b in range(1, B):
-        mask[b, N - 3 * b:] = 0
+        mask[b, N - 3 * b :] = 0
     types = torch.zeros(B, N, dtype=torch.long)
-    types[:, N // 2:] = 1
+    types[:, N // 2 :] = 1
     return ids.to(DEVICE), mask.to(DEVICE), types.to(DEVICE)
 
 
@@ -474,8 +542,9 @@ def test_model_sublayers_in_isolation_default_threshold(monkeypatch):
         return s.reshape(T, M, -1).to(torch.int8)
 
     def check(name, got, current):
-        flips[name] = compare_spikes(name, got, current.reshape(T, M, -1),
-                                     float(model.threshold(index[name])))
+        flips[name] = compare_spikes(
+            name, got, current.reshape(T, M, -1), float(model.threshold(index[name]))
+        )
 
     index = {name: i for i, name in enumerate(model.sublayer_names())}
     with torch.no_grad():
@@ -498,21 +567,47 @@ def test_model_sublayers_in_isolation_default_threshold(monkeypatch):
             got, _ = spike_linear(rows(x), **params(block.v_proj), v_th=th("V"))
             check(f"{l}.V", got, block.current_v(x))
             q, _ = spike_linear(rows(x), **params(block.q_proj), epilogue="none")
-            got, _ = spiking_attention(q, rows(S["K"]), rows(S["V"]), mask_add, batch=B,
-                                       head_dim=block.head_dim, v_th=th("A"))
+            got, _ = spiking_attention(
+                q,
+                rows(S["K"]),
+                rows(S["V"]),
+                mask_add,
+                batch=B,
+                head_dim=block.head_dim,
+                v_th=th("A"),
+            )
             check(f"{l}.A", got, block.current_a(x, S["K"], S["V"], mask_add4))
-            ln1 = {"ln_weight": block.ln_o1.weight.detach(), "ln_bias": block.ln_o1.bias.detach(),
-                   "ln_eps": block.ln_o1.eps}
-            got, _ = spike_linear(rows(S["A"]), **params(block.o_proj), epilogue="ln",
-                                  residual=rows(x), v_th=th("O1"), **ln1)
+            ln1 = {
+                "ln_weight": block.ln_o1.weight.detach(),
+                "ln_bias": block.ln_o1.bias.detach(),
+                "ln_eps": block.ln_o1.eps,
+            }
+            got, _ = spike_linear(
+                rows(S["A"]),
+                **params(block.o_proj),
+                epilogue="ln",
+                residual=rows(x),
+                v_th=th("O1"),
+                **ln1,
+            )
             check(f"{l}.O1", got, block.current_o1(S["A"], x))
-            got, _ = spike_linear(rows(S["O1"]), **params(block.ffn1), epilogue="gelu",
-                                  v_th=th("F"))
+            got, _ = spike_linear(
+                rows(S["O1"]), **params(block.ffn1), epilogue="gelu", v_th=th("F")
+            )
             check(f"{l}.F", got, block.current_f(S["O1"]))
-            ln2 = {"ln_weight": block.ln_o2.weight.detach(), "ln_bias": block.ln_o2.bias.detach(),
-                   "ln_eps": block.ln_o2.eps}
-            got, _ = spike_linear(rows(S["F"]), **params(block.ffn2), epilogue="ln",
-                                  residual=rows(S["O1"]), v_th=th("O2"), **ln2)
+            ln2 = {
+                "ln_weight": block.ln_o2.weight.detach(),
+                "ln_bias": block.ln_o2.bias.detach(),
+                "ln_eps": block.ln_o2.eps,
+            }
+            got, _ = spike_linear(
+                rows(S["F"]),
+                **params(block.ffn2),
+                epilogue="ln",
+                residual=rows(S["O1"]),
+                v_th=th("O2"),
+                **ln2,
+            )
             check(f"{l}.O2", got, block.current_o2(S["F"], S["O1"]))
     print("isolated flip fractions:", {k: f"{v:.1e}" for k, v in flips.items()})
     # Exact arithmetic: no flips at all.
@@ -582,10 +677,28 @@ def test_gpu_large_layernorm_and_attention():
     x, signs, alpha, bias = _linear_case(T, M, N, K, seed=22)
     residual = _spikes((T, M, N), 0.5, 23)
     ln_w, ln_b = _vec(N, 24, 1.0, 0.2), _vec(N, 25, 0.4, 0.3)
-    spikes, _ = spike_linear(x, signs, alpha, bias, epilogue="ln", residual=residual,
-                             ln_weight=ln_w, ln_bias=ln_b, v_th=0.9)
-    _, current = reference_spike_linear(x, signs, alpha, bias, epilogue="ln", residual=residual,
-                                        ln_weight=ln_w, ln_bias=ln_b, return_current=True)
+    spikes, _ = spike_linear(
+        x,
+        signs,
+        alpha,
+        bias,
+        epilogue="ln",
+        residual=residual,
+        ln_weight=ln_w,
+        ln_bias=ln_b,
+        v_th=0.9,
+    )
+    _, current = reference_spike_linear(
+        x,
+        signs,
+        alpha,
+        bias,
+        epilogue="ln",
+        residual=residual,
+        ln_weight=ln_w,
+        ln_bias=ln_b,
+        return_current=True,
+    )
     assert compare_spikes("gpu ln", spikes, current, 0.9) < 1e-3
     q, s_k, s_v, mask = _attention_case(8, 128, 64, 12, 3, seed=26)
     spikes, _ = spiking_attention(q, s_k, s_v, mask, batch=8, head_dim=64, v_th=0.37)

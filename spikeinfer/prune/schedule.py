@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -568,10 +569,19 @@ def run_stage(ctx: Context, stage: Stage) -> dict:
     model, source = _load_source(ctx, stage)
     model.to_backend(ctx.backend)
     ctx.log(event="stage_start", stage=stage.name, source=source, backend=ctx.backend)
+    start = time.perf_counter()
     details = stage.run(ctx, model, stage_dir)
+    # The stage's own work (Fisher, search, PCA, retraining), not its evaluation; a resumed
+    # retraining stage counts only the steps run by this invocation.
+    run_seconds = time.perf_counter() - start
     metrics = {}
     if ctx.info.main:
-        metrics = {"stage": stage.name, "description": stage.description, "source": source}
+        metrics = {
+            "stage": stage.name,
+            "description": stage.description,
+            "source": source,
+            "run_seconds": round(run_seconds, 1),
+        }
         # Measured on the compacted model: what serving runs, and rates averaged over the units
         # that exist (a masked model's silent pruned units would dilute Normalized #C).
         served = compact(model) if stage.name != "spatial-ablation" else None
@@ -587,8 +597,10 @@ def run_stage(ctx: Context, stage: Stage) -> dict:
                 metrics=_headline(metrics),
                 provenance={"stage": stage.name, "source": source, "schedule": ctx.args.schedule},
             )
-            save_checkpoint(model, stage_dir / "model", **meta)
-            save_checkpoint(served, stage_dir / "compact", **meta)
+            # The mode the stage is judged in is the one its model serves in (`eval` default).
+            extra = {"mode": stage.eval_mode}
+            save_checkpoint(model, stage_dir / "model", **meta, extra=extra)
+            save_checkpoint(served, stage_dir / "compact", **meta, extra=extra)
         _write_json(metrics_path, metrics)
         if "value" in metrics:
             ctx.log(event="stage_done", stage=stage.name, **_headline(metrics))
