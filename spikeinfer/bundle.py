@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .engine import default_mode, evaluate
+from .engine import evaluate
 
 DEFAULT_TIMESTEPS = (1, 2, 4, 8, 16, 32, 64)
 # What results.json keeps of an evaluation.
@@ -129,7 +129,7 @@ def bundle_pruned(
     model = load_checkpoint(stage_dir / "compact")
     meta = model.checkpoint_meta
     task = meta["task"]
-    mode = default_mode(model)
+    mode = stage_metrics["mode"]
     seed = stage_metrics["args"]["seed"]
     r = evaluate(
         model,

@@ -180,3 +180,15 @@ def test_final_masks_are_projected_into_the_budget():
     assert len(dropped) == 0 or kept.min() >= dropped.max()
     same_h, same_n = rt.project_to_budget(model, masks, 1.0, n)
     assert torch.equal(same_h, hard_h) and torch.equal(same_n, hard_n)
+
+
+def test_retraining_keeps_the_word_embedding_table_frozen(tmp_path):
+    # Distilled students keep the teacher package's table, referenced by hash in checkpoints;
+    # retraining it would make every pruned checkpoint store 47 MB of embeddings.
+    model = firing_model(3)
+    table = model.embeddings.word_embeddings.weight.detach().clone()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _retrain(model, rt.RetrainConfig(mode="unrolled", sim_timesteps=4), tmp_path / "r")
+    assert torch.equal(model.embeddings.word_embeddings.weight, table)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before.get(n, p))]
+    assert any("layers." in n for n in changed)  # the rest did train

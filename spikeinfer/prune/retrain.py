@@ -270,6 +270,9 @@ def retrain(
     if cfg.realloc_every and not calib:
         raise ValueError("PCA reallocation needs calibration batches")
     make_trainable(model)
+    # Frozen in every training stage, as in distillation: checkpoints then reference the teacher
+    # package's table by hash instead of storing 47 MB of it.
+    model.embeddings.word_embeddings.weight.requires_grad_(False)
     model.v_th.requires_grad_(cfg.train_thresholds)
     masks = RelaxedMasks(model, cfg.mask_init) if cfg.relax_masks else None
     if masks is not None:
