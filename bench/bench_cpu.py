@@ -12,6 +12,10 @@ Measured side by side in one run (DESIGN section 13):
             64: cpu vs torch-step fp32 (the per-step reference), torch fp32 (multi-step) and torch
             bf16 (multi-step); dense vs pruned (half the heads and 40 % of the FFN neurons kept,
             compacted), with the time ratio set against the AC ratio (cost.ac_count).
+    sst2    what `spikeinfer eval` does: every bundled SST-2 model (dense, two-stage pruned,
+            adaptive threshold, each in its own mode) on the whole dev set with the cpu backend,
+            their time ratios against their ACs % ratios, and the dense model on the first
+            sentences of the dev set with cpu and the torch references (the speed-ups).
 
 Every figure is the median of repeats after a warm-up. The CPU may be shared with other work:
 each row records the load average seen before it was measured. Rows go to
@@ -286,6 +290,73 @@ def bench_model(report: Report, preset: str, B: int, S: int, T: int, repeats: in
                ms=round(results["cpu"], 1), **shapes, **summary)
 
 
+# -- SST-2 dev with the bundled models ----------------------------------------------------------
+def bench_sst2(report: Report, glue_dir: Path, ref_limit: int, references: bool = True):
+    """What `spikeinfer eval` does, timed: every bundled SST-2 model on the whole dev set with the
+    cpu backend (each in its own mode), and the dense model on the first `ref_limit` dev
+    sentences with cpu and the torch references (the references take minutes per hundred)."""
+    from spikeinfer.engine import bundled_models, evaluate, load, models_dir
+
+    names = [n for n in ("sst2-1bit", "sst2-1bit-pruned", "sst2-1bit-adaptive")
+             if (models_dir() / n / "config.json").exists()]
+    if "sst2-1bit" not in names:
+        print("no bundled sst2-1bit model: skipping the SST-2 dev benchmark", file=sys.stderr)
+        return
+    full = {}
+    for name in names:
+        load_before = load_average()  # (the kernels are compiled and warm from the GEMM runs)
+        r = evaluate(load(name), "sst2", glue_dir=glue_dir, backend="cpu", progress=False)
+        full[name] = r
+        report.add(benchmark="sst2_dev", backend="cpu", model=name, mode=r["mode"],
+                   n_examples=r["n_examples"], ms=round(1e3 * r["wall_s"], 1),
+                   sentences_per_s=round(r["sentences_per_s"], 2),
+                   accuracy=round(r["accuracy"], 2), acs_percent=round(r["acs_percent"], 2),
+                   latency=round(r["latency"], 2), load_avg=load_before,
+                   default_for_eval=bundled_models().get("sst2") == name)
+    dense = full["sst2-1bit"]
+    subset = {}
+    if references:
+        model = load("sst2-1bit")
+        for label, m, backend in (
+            ("cpu", model, "cpu"),
+            ("torch fp32", model, "torch"),
+            ("torch bf16", copy.deepcopy(model).to(torch.bfloat16), "torch"),
+            ("torch-step fp32", model, "torch-step"),
+        ):
+            # Warm-up on one sentence: first calls pack weights and fill allocator caches.
+            evaluate(m, "sst2", glue_dir=glue_dir, backend=backend, limit=1, progress=False)
+            load_before = load_average()
+            r = evaluate(m, "sst2", glue_dir=glue_dir, backend=backend, limit=ref_limit,
+                         progress=False)
+            subset[label] = r
+            report.add(benchmark="sst2_dev_subset", backend=label, model="sst2-1bit",
+                       mode=r["mode"], n_examples=r["n_examples"], ms=round(1e3 * r["wall_s"], 1),
+                       sentences_per_s=round(r["sentences_per_s"], 3),
+                       accuracy=round(r["accuracy"], 2), load_avg=load_before)
+
+    def speedup(label):
+        if label not in subset:
+            return None
+        return round(subset["cpu"]["sentences_per_s"] / subset[label]["sentences_per_s"], 2)
+
+    summary = {
+        "sentences_per_s": round(dense["sentences_per_s"], 2),
+        "speedup_vs_torch_step_fp32": speedup("torch-step fp32"),
+        "speedup_vs_torch_fp32": speedup("torch fp32"),
+        "speedup_vs_torch_bf16": speedup("torch bf16"),
+        "reference_subset": ref_limit if references else None,
+    }
+    for name in names[1:]:  # a pruned model against the dense one, both on the whole dev set
+        time_ratio = full[name]["sentences_per_s"] / dense["sentences_per_s"]
+        acs_ratio = dense["acs_percent"] / full[name]["acs_percent"]
+        key = name.removeprefix("sst2-1bit-")
+        summary[f"dense_over_{key}_time"] = round(time_ratio, 3)
+        summary[f"dense_over_{key}_acs"] = round(acs_ratio, 3)
+        summary[f"{key}_time_over_ac_ratio"] = round(acs_ratio / time_ratio, 3)
+    report.add(benchmark="sst2_dev_summary", backend="cpu", model="sst2-1bit",
+               ms=round(1e3 * dense["wall_s"], 1), **summary)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes and T, few repeats")
@@ -297,6 +368,14 @@ def main(argv=None):
                         help="whole model: time only the cpu backend (dense and pruned)")
     parser.add_argument("--timesteps", type=int, nargs="+", default=None,
                         help="whole-model T values (default 32; --quick: 8)")
+    parser.add_argument("--skip-sst2", action="store_true",
+                        help="skip the bundled models on the SST-2 dev set")
+    parser.add_argument("--glue-dir", type=Path,
+                        default=Path(os.environ.get("SPIKEINFER_GLUE_DIR")
+                                     or ROOT.parent / "shared" / "data" / "glue"))
+    parser.add_argument("--reference-limit", type=int, default=None,
+                        help="SST-2 dev sentences the torch references run on (default 64; "
+                        "--quick: 16)")
     args = parser.parse_args(argv)
 
     ok, why = cb.is_available()
@@ -320,6 +399,10 @@ def main(argv=None):
         for T in timesteps:
             bench_model(report, "minilm-4l", model_b, 64, T, repeats, step_repeats,
                         heads_kept=0.5, neurons_kept=0.4, references=not args.skip_references)
+
+    if not args.skip_sst2:
+        ref_limit = args.reference_limit or (16 if args.quick else 64)
+        bench_sst2(report, args.glue_dir, ref_limit, references=not args.skip_references)
 
     out = args.out or ROOT / "bench" / "results" / f"cpu_{report.base['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
