@@ -304,7 +304,7 @@ def bench_sst2(report: Report, glue_dir: Path, ref_limit: int, references: bool 
         return
     full = {}
     for name in names:
-        load_before = load_average()  # (the kernels are compiled and warm from the GEMM runs)
+        load_before = load_average()  # (kernels compiled by the availability check in main)
         r = evaluate(load(name), "sst2", glue_dir=glue_dir, backend="cpu", progress=False)
         full[name] = r
         report.add(benchmark="sst2_dev", backend="cpu", model=name, mode=r["mode"],
