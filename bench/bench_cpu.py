@@ -8,6 +8,7 @@ Measured side by side in one run (DESIGN section 13):
             `neuron_scan`, to measure what fusion saves), against MKL fp32 `torch.matmul`, bf16
             `torch.matmul` and `torch._int_mm` (int8) at the same shapes: the default student's
             projections (hidden 384, FFN 1536) and spikingbert-base's (768 / 3072).
+    attn    the A sublayer: the cpu op's masked sums against fp32 and bf16 matmul attention.
     model   whole-model inference (unrolled) on `minilm-4l` with random weights scaled to fire, seq
             64: cpu vs torch-step fp32 (the per-step reference), torch fp32 (multi-step) and torch
             bf16 (multi-step); dense vs pruned (half the heads and 40 % of the FFN neurons kept,
@@ -155,6 +156,50 @@ def gemm_case(report: Report, shapes: dict, repeats: int):
         row("torch._int_mm int8", median_ms(lambda: torch._int_mm(s8, w8), repeats))
     except RuntimeError as err:
         print(f"torch._int_mm unavailable: {err}", file=sys.stderr)
+
+
+# -- spiking attention --------------------------------------------------------------------------
+def bench_attention(report: Report, preset: str, T: int, B: int, S: int, repeats: int):
+    """The A sublayer of one block (Q projection, attention over spiking K and V, A neuron scan):
+    the cpu op's masked sums over set bits against the same maths as dense fp32 and bf16 matmuls
+    (oneDNN uses AVX512-BF16 here), the alternative the design leaves open."""
+    from spikeinfer import ops
+    from spikeinfer.neuron import if_multistep
+
+    cfg = ModelConfig.from_name(preset)
+    K, H = cfg.hidden_size, cfg.num_heads
+    d = K // H
+    shapes = {"preset": preset, "T": T, "batch": B, "seq_len": S, "heads": H, "head_dim": d}
+    gen = torch.Generator().manual_seed(0)
+    x, k, v = ((torch.rand(T, B, S, K, generator=gen) < 0.25).float() for _ in range(3))
+    signs, alpha = binarize(torch.randn(K, K, generator=gen))
+    bias = torch.randn(K, generator=gen) * 0.1
+    mask_add = torch.zeros(B, S)
+    px, pk, pv, pw = cb.pack_spikes(x), cb.pack_spikes(k), cb.pack_spikes(v), cb.pack_signs(signs)
+
+    def fused():
+        return cb.spiking_attention_neuron(px, pw, K, alpha, bias, pk, pv, mask_add, H)
+
+    def dense(dtype):
+        xs, ks, vs = x.to(dtype), k.to(dtype), v.to(dtype)
+        w, a, b = signs.to(dtype), alpha.to(dtype), bias.to(dtype)
+        m = ops.attention_mask_additive(torch.ones(B, S), dtype)[None]  # [1, B, 1, 1, S]
+
+        def run():
+            q = ops.spike_linear(xs, w, a, b)  # [T, B, S, K]
+            heads = [t.view(T, B, S, H, d).transpose(2, 3) for t in (q, ks, vs)]  # [T, B, H, S, d]
+            current = ops.spiking_attention(*heads, m).transpose(2, 3).reshape(T, B, S, K)
+            return if_multistep(current.float())
+
+        return run
+
+    for label, fn in (("cpu spiking_attention_neuron (masked sums)", fused),
+                      ("torch fp32 matmuls + IF", dense(torch.float32)),
+                      ("torch bf16 matmuls + IF", dense(torch.bfloat16))):
+        load = load_average()
+        ms = median_ms(fn, repeats)
+        report.add(benchmark="attention", backend=label, shapes=shapes, ms=round(ms, 3),
+                   load_avg=load, **shapes)
 
 
 # -- whole model --------------------------------------------------------------------------------
@@ -395,6 +440,7 @@ def main(argv=None):
         # when another process holds one of the two cores.
         for preset in ("minilm-4l", "spikingbert-base"):
             bench_gemm(report, preset, *gemm_shapes, repeats=8 * repeats)
+        bench_attention(report, "minilm-4l", *gemm_shapes, repeats=2 * repeats)
     if not args.skip_model:
         for T in timesteps:
             bench_model(report, "minilm-4l", model_b, 64, T, repeats, step_repeats,
