@@ -130,6 +130,36 @@ def test_cli_errors_are_clear(tmp_path, capsys):
         cli.main(["eval", "--task", "sst2", "--model", "x", "--limit", "0"])
 
 
+def test_cli_bad_checkpoints_backends_and_numbers_are_clear(tmp_path, capsys, monkeypatch):
+    path = save_checkpoint(word_model(7), tmp_path / "m", task="sst2")
+    args = ["eval", "--task", "sst2", "--glue-dir", str(GLUE), "--limit", "2"]
+    # truncated weights file
+    broken = tmp_path / "truncated"
+    shutil.copytree(path, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert cli.main([*args, "--model", str(broken), "--backend", "torch"]) == 2
+    err = capsys.readouterr().err
+    assert "truncated" in err and "model.safetensors" in err
+    # a config that does not match the weights (another hidden size)
+    wrong = tmp_path / "wrong-config"
+    shutil.copytree(path, wrong)
+    meta = json.loads((wrong / "config.json").read_text())
+    meta["model"]["intermediate_size"] += 8
+    (wrong / "config.json").write_text(json.dumps(meta))
+    assert cli.main([*args, "--model", str(wrong), "--backend", "torch"]) == 2
+    assert "shape" in capsys.readouterr().err
+    # a backend that cannot run here
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        assert cli.main([*args, "--model", str(path), "--backend", "triton"]) == 2
+        assert "backend 'triton'" in capsys.readouterr().err
+    # negative or zero numbers
+    for flag, value in (("--limit", "-3"), ("--batch-size", "0"), ("--timesteps", "-1")):
+        with pytest.raises(SystemExit, match=f"{flag} must be >= 1"):
+            cli.main(["eval", "--task", "sst2", "--model", str(path), flag, value])
+
+
 def test_module_entry_point_help():
     out = subprocess.run(
         [sys.executable, "-m", "spikeinfer", "--help"],
