@@ -64,8 +64,9 @@ def cpu_model() -> str:
 
 def commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        )
         return out.stdout.strip() or "uncommitted"
     except (OSError, subprocess.CalledProcessError):
         return "uncommitted"
@@ -92,9 +93,13 @@ def median_ms(fn, repeats: int, warmup=None) -> float:
 class Report:
     def __init__(self):
         self.rows: list[dict] = []
-        self.base = {"device": cpu_model(), "commit": commit(),
-                     "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
-                     "kernel_path": cb.isa()}
+        self.base = {
+            "device": cpu_model(),
+            "commit": commit(),
+            "date": datetime.date.today().isoformat(),
+            "threads": torch.get_num_threads(),
+            "kernel_path": cb.isa(),
+        }
 
     def add(self, **row):
         full = {**self.base, **row}
@@ -106,11 +111,21 @@ class Report:
 # -- binary GEMM --------------------------------------------------------------------------------
 def bench_gemm(report: Report, preset: str, T: int, B: int, S: int, repeats: int):
     cfg = ModelConfig.from_name(preset)
-    for name, K, N in (("hidden", cfg.hidden_size, cfg.hidden_size),
-                       ("ffn_up", cfg.hidden_size, cfg.intermediate_size),
-                       ("ffn_down", cfg.intermediate_size, cfg.hidden_size)):
-        shapes = {"preset": preset, "projection": name, "M": T * B * S, "K": K, "N": N, "T": T,
-                  "batch": B, "seq_len": S}
+    for name, K, N in (
+        ("hidden", cfg.hidden_size, cfg.hidden_size),
+        ("ffn_up", cfg.hidden_size, cfg.intermediate_size),
+        ("ffn_down", cfg.intermediate_size, cfg.hidden_size),
+    ):
+        shapes = {
+            "preset": preset,
+            "projection": name,
+            "M": T * B * S,
+            "K": K,
+            "N": N,
+            "T": T,
+            "batch": B,
+            "seq_len": S,
+        }
         gemm_case(report, shapes, repeats)
 
 
@@ -125,9 +140,16 @@ def gemm_case(report: Report, shapes: dict, repeats: int):
     packed_t = packed.view(T, M // T, -1)
 
     def row(backend, ms, **extra):
-        report.add(benchmark="binary_gemm", backend=backend, shapes=shapes, ms=round(ms, 3),
-                   binary_tmacs_per_s=round(macs / ms / 1e9, 4), load_avg=load_average(),
-                   **shapes, **extra)
+        report.add(
+            benchmark="binary_gemm",
+            backend=backend,
+            shapes=shapes,
+            ms=round(ms, 3),
+            binary_tmacs_per_s=round(macs / ms / 1e9, 4),
+            load_avg=load_average(),
+            **shapes,
+            **extra,
+        )
 
     def fused():
         return cb.spike_linear_neuron(packed_t, packed_w, K, alpha, bias)
@@ -138,8 +160,10 @@ def gemm_case(report: Report, shapes: dict, repeats: int):
     ms1 = median_ms(fused, repeats)
     torch.set_num_threads(threads)
     row("cpu spike_linear_neuron, 1 thread", ms1, threads=1)
-    row("cpu binary_gemm (float32 out)",
-        median_ms(lambda: cb.binary_gemm(packed, packed_w, K, alpha, bias), repeats))
+    row(
+        "cpu binary_gemm (float32 out)",
+        median_ms(lambda: cb.binary_gemm(packed, packed_w, K, alpha, bias), repeats),
+    )
 
     def unfused():  # what fusing the IF scan into the GEMM saves
         current = cb.binary_gemm(packed_t, packed_w, K, alpha, bias)
@@ -193,13 +217,21 @@ def bench_attention(report: Report, preset: str, T: int, B: int, S: int, repeats
 
         return run
 
-    for label, fn in (("cpu spiking_attention_neuron (masked sums)", fused),
-                      ("torch fp32 matmuls + IF", dense(torch.float32)),
-                      ("torch bf16 matmuls + IF", dense(torch.bfloat16))):
+    for label, fn in (
+        ("cpu spiking_attention_neuron (masked sums)", fused),
+        ("torch fp32 matmuls + IF", dense(torch.float32)),
+        ("torch bf16 matmuls + IF", dense(torch.bfloat16)),
+    ):
         load = load_average()
         ms = median_ms(fn, repeats)
-        report.add(benchmark="attention", backend=label, shapes=shapes, ms=round(ms, 3),
-                   load_avg=load, **shapes)
+        report.add(
+            benchmark="attention",
+            backend=label,
+            shapes=shapes,
+            ms=round(ms, 3),
+            load_avg=load,
+            **shapes,
+        )
 
 
 # -- whole model --------------------------------------------------------------------------------
@@ -209,8 +241,14 @@ def firing_model(preset: str, seed: int = 0) -> SpikingBert:
     model = SpikingBert(ModelConfig.from_name(preset)).eval()
     with torch.no_grad():
         for block in model.layers:
-            for p in (block.q_proj, block.k_proj, block.v_proj, block.o_proj, block.ffn1,
-                      block.ffn2):
+            for p in (
+                block.q_proj,
+                block.k_proj,
+                block.v_proj,
+                block.o_proj,
+                block.ffn1,
+                block.ffn2,
+            ):
                 p.weight.normal_(0, 1.0)
                 p.bias.normal_(0.3, 0.3)
     return model.freeze_binary()
@@ -225,7 +263,8 @@ def pruned(model: SpikingBert, heads_kept: float, neurons_kept: float, seed: int
     for l in range(cfg.num_layers):
         h = torch.randperm(cfg.num_heads, generator=gen)[: round(heads_kept * cfg.num_heads)]
         n = torch.randperm(cfg.intermediate_size, generator=gen)[
-            : round(neurons_kept * cfg.intermediate_size)]
+            : round(neurons_kept * cfg.intermediate_size)
+        ]
         m.head_mask[l, h] = 1
         m.neuron_mask[l, n] = 1
     return compact(m), m.head_mask.clone(), m.neuron_mask.clone()
@@ -237,9 +276,18 @@ def ac_count(cfg, head_mask, neuron_mask, T, seq_len):
     return cost.ac_count(cfg, head_mask, neuron_mask, T, seq_len)
 
 
-def bench_model(report: Report, preset: str, B: int, S: int, T: int, repeats: int,
-                step_repeats: int, heads_kept: float, neurons_kept: float,
-                references: bool = True):
+def bench_model(
+    report: Report,
+    preset: str,
+    B: int,
+    S: int,
+    T: int,
+    repeats: int,
+    step_repeats: int,
+    heads_kept: float,
+    neurons_kept: float,
+    references: bool = True,
+):
     model = firing_model(preset)
     cfg = model.config
     gen = torch.Generator().manual_seed(1)
@@ -262,20 +310,30 @@ def bench_model(report: Report, preset: str, B: int, S: int, T: int, repeats: in
     def measure(label, m, backend, reps, **extra):
         load = load_average()
         # The slow references warm up on one step; the timed runs keep their outputs.
-        ms = median_ms(lambda: run(m, backend, label=label), reps,
-                       warmup=lambda: run(m, backend, steps=1))
+        ms = median_ms(
+            lambda: run(m, backend, label=label), reps, warmup=lambda: run(m, backend, steps=1)
+        )
         results[label] = ms
-        report.add(benchmark="model", backend=label, shapes=shapes, ms=round(ms, 1),
-                   sentences_per_s=round(B / ms * 1e3, 3), repeats=reps, load_avg=load,
-                   **shapes, **extra)
+        report.add(
+            benchmark="model",
+            backend=label,
+            shapes=shapes,
+            ms=round(ms, 1),
+            sentences_per_s=round(B / ms * 1e3, 3),
+            repeats=reps,
+            load_avg=load,
+            **shapes,
+            **extra,
+        )
         return ms
 
     measure("cpu", model, "cpu", repeats)
     if references:
         measure("torch fp32", model, "torch", max(1, repeats // 2))
         try:  # the multi-step reference with the whole model in bf16 (as bench_triton.py)
-            measure("torch bf16", copy.deepcopy(model).to(torch.bfloat16), "torch",
-                    max(1, repeats // 2))
+            measure(
+                "torch bf16", copy.deepcopy(model).to(torch.bfloat16), "torch", max(1, repeats // 2)
+            )
         except RuntimeError as err:
             print(f"torch bf16 reference unavailable: {err}", file=sys.stderr)
         measure("torch-step fp32", model, "torch-step", step_repeats)
@@ -302,16 +360,32 @@ def bench_model(report: Report, preset: str, B: int, S: int, T: int, repeats: in
     for label, m in (("cpu, 1 thread", model), ("cpu pruned, 1 thread", small)):
         load1 = load_average()
         single[label] = median_ms(lambda m=m: run(m, "cpu"), repeats)
-        report.add(benchmark="model", backend=label, shapes=shapes, ms=round(single[label], 1),
-                   sentences_per_s=round(B / single[label] * 1e3, 3), repeats=repeats,
-                   load_avg=load1, threads=1, **shapes)
+        report.add(
+            benchmark="model",
+            backend=label,
+            shapes=shapes,
+            ms=round(single[label], 1),
+            sentences_per_s=round(B / single[label] * 1e3, 3),
+            repeats=repeats,
+            load_avg=load1,
+            threads=1,
+            **shapes,
+        )
     torch.set_num_threads(threads)
     dense_over_pruned_acs = acs_dense / acs_pruned
     report.add(
-        benchmark="model", backend="cpu pruned", shapes={**shapes, "heads_kept": heads_kept,
-                                                         "neurons_kept": neurons_kept},
-        ms=round(ms_pruned, 1), sentences_per_s=round(B / ms_pruned * 1e3, 3), repeats=repeats,
-        load_avg=load, **shapes, heads_kept=heads_kept, neurons_kept=neurons_kept)
+        benchmark="model",
+        backend="cpu pruned",
+        shapes={**shapes, "heads_kept": heads_kept, "neurons_kept": neurons_kept},
+        ms=round(ms_pruned, 1),
+        sentences_per_s=round(B / ms_pruned * 1e3, 3),
+        repeats=repeats,
+        load_avg=load,
+        **shapes,
+        heads_kept=heads_kept,
+        neurons_kept=neurons_kept,
+    )
+
     def speedup(label):
         return round(results[label] / results["cpu"], 2) if label in results else None
 
@@ -324,15 +398,23 @@ def bench_model(report: Report, preset: str, B: int, S: int, T: int, repeats: in
         "dense_over_pruned_acs": round(dense_over_pruned_acs, 3),
         "pruned_time_over_ac_ratio": round(dense_over_pruned_acs / dense_over_pruned_time, 3),
         "dense_over_pruned_time_1thread": round(
-            single["cpu, 1 thread"] / single["cpu pruned, 1 thread"], 3),
+            single["cpu, 1 thread"] / single["cpu pruned, 1 thread"], 3
+        ),
         "pruned_time_over_ac_ratio_1thread": round(
-            dense_over_pruned_acs * single["cpu pruned, 1 thread"] / single["cpu, 1 thread"], 3),
+            dense_over_pruned_acs * single["cpu pruned, 1 thread"] / single["cpu, 1 thread"], 3
+        ),
         "prediction_agreement_vs_torch": agree,
         "sublayers_with_identical_rates": rates_equal,
         "mean_asr": asr,
     }
-    report.add(benchmark="model_summary", backend="cpu", shapes=shapes,
-               ms=round(results["cpu"], 1), **shapes, **summary)
+    report.add(
+        benchmark="model_summary",
+        backend="cpu",
+        shapes=shapes,
+        ms=round(results["cpu"], 1),
+        **shapes,
+        **summary,
+    )
 
 
 # -- SST-2 dev with the bundled models ----------------------------------------------------------
@@ -342,8 +424,11 @@ def bench_sst2(report: Report, glue_dir: Path, ref_limit: int, references: bool 
     sentences with cpu and the torch references (the references take minutes per hundred)."""
     from spikeinfer.engine import bundled_models, evaluate, load, models_dir
 
-    names = [n for n in ("sst2-1bit", "sst2-1bit-pruned", "sst2-1bit-adaptive")
-             if (models_dir() / n / "config.json").exists()]
+    names = [
+        n
+        for n in ("sst2-1bit", "sst2-1bit-pruned", "sst2-1bit-adaptive")
+        if (models_dir() / n / "config.json").exists()
+    ]
     if "sst2-1bit" not in names:
         print("no bundled sst2-1bit model: skipping the SST-2 dev benchmark", file=sys.stderr)
         return
@@ -352,12 +437,20 @@ def bench_sst2(report: Report, glue_dir: Path, ref_limit: int, references: bool 
         load_before = load_average()  # (kernels compiled by the availability check in main)
         r = evaluate(load(name), "sst2", glue_dir=glue_dir, backend="cpu", progress=False)
         full[name] = r
-        report.add(benchmark="sst2_dev", backend="cpu", model=name, mode=r["mode"],
-                   n_examples=r["n_examples"], ms=round(1e3 * r["wall_s"], 1),
-                   sentences_per_s=round(r["sentences_per_s"], 2),
-                   accuracy=round(r["accuracy"], 2), acs_percent=round(r["acs_percent"], 2),
-                   latency=round(r["latency"], 2), load_avg=load_before,
-                   default_for_eval=bundled_models().get("sst2") == name)
+        report.add(
+            benchmark="sst2_dev",
+            backend="cpu",
+            model=name,
+            mode=r["mode"],
+            n_examples=r["n_examples"],
+            ms=round(1e3 * r["wall_s"], 1),
+            sentences_per_s=round(r["sentences_per_s"], 2),
+            accuracy=round(r["accuracy"], 2),
+            acs_percent=round(r["acs_percent"], 2),
+            latency=round(r["latency"], 2),
+            load_avg=load_before,
+            default_for_eval=bundled_models().get("sst2") == name,
+        )
     dense = full["sst2-1bit"]
     subset = {}
     if references:
@@ -371,13 +464,21 @@ def bench_sst2(report: Report, glue_dir: Path, ref_limit: int, references: bool 
             # Warm-up on one sentence: first calls pack weights and fill allocator caches.
             evaluate(m, "sst2", glue_dir=glue_dir, backend=backend, limit=1, progress=False)
             load_before = load_average()
-            r = evaluate(m, "sst2", glue_dir=glue_dir, backend=backend, limit=ref_limit,
-                         progress=False)
+            r = evaluate(
+                m, "sst2", glue_dir=glue_dir, backend=backend, limit=ref_limit, progress=False
+            )
             subset[label] = r
-            report.add(benchmark="sst2_dev_subset", backend=label, model="sst2-1bit",
-                       mode=r["mode"], n_examples=r["n_examples"], ms=round(1e3 * r["wall_s"], 1),
-                       sentences_per_s=round(r["sentences_per_s"], 3),
-                       accuracy=round(r["accuracy"], 2), load_avg=load_before)
+            report.add(
+                benchmark="sst2_dev_subset",
+                backend=label,
+                model="sst2-1bit",
+                mode=r["mode"],
+                n_examples=r["n_examples"],
+                ms=round(1e3 * r["wall_s"], 1),
+                sentences_per_s=round(r["sentences_per_s"], 3),
+                accuracy=round(r["accuracy"], 2),
+                load_avg=load_before,
+            )
 
     def speedup(label):
         if label not in subset:
@@ -398,37 +499,65 @@ def bench_sst2(report: Report, glue_dir: Path, ref_limit: int, references: bool 
         summary[f"dense_over_{key}_time"] = round(time_ratio, 3)
         summary[f"dense_over_{key}_acs"] = round(acs_ratio, 3)
         summary[f"{key}_time_over_ac_ratio"] = round(acs_ratio / time_ratio, 3)
-    report.add(benchmark="sst2_dev_summary", backend="cpu", model="sst2-1bit",
-               ms=round(1e3 * dense["wall_s"], 1), **summary)
+    report.add(
+        benchmark="sst2_dev_summary",
+        backend="cpu",
+        model="sst2-1bit",
+        ms=round(1e3 * dense["wall_s"], 1),
+        **summary,
+    )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes and T, few repeats")
-    parser.add_argument("--out", type=Path, default=None, help="JSON file (default: "
-                        "bench/results/cpu_<date>.json, appended)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON file (default: bench/results/cpu_<date>.json, appended)",
+    )
     parser.add_argument("--skip-gemm", action="store_true")
     parser.add_argument("--skip-model", action="store_true")
-    parser.add_argument("--skip-references", action="store_true",
-                        help="whole model: time only the cpu backend (dense and pruned)")
-    parser.add_argument("--timesteps", type=int, nargs="+", default=None,
-                        help="whole-model T values (default 32; --quick: 8)")
-    parser.add_argument("--skip-sst2", action="store_true",
-                        help="skip the bundled models on the SST-2 dev set")
-    parser.add_argument("--glue-dir", type=Path,
-                        default=Path(os.environ.get("SPIKEINFER_GLUE_DIR")
-                                     or ROOT.parent / "shared" / "data" / "glue"))
-    parser.add_argument("--reference-limit", type=int, default=None,
-                        help="SST-2 dev sentences the torch references run on (default 64; "
-                        "--quick: 16)")
+    parser.add_argument(
+        "--skip-references",
+        action="store_true",
+        help="whole model: time only the cpu backend (dense and pruned)",
+    )
+    parser.add_argument(
+        "--timesteps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="whole-model T values (default 32; --quick: 8)",
+    )
+    parser.add_argument(
+        "--skip-sst2", action="store_true", help="skip the bundled models on the SST-2 dev set"
+    )
+    parser.add_argument(
+        "--glue-dir",
+        type=Path,
+        default=Path(
+            os.environ.get("SPIKEINFER_GLUE_DIR") or ROOT.parent / "shared" / "data" / "glue"
+        ),
+    )
+    parser.add_argument(
+        "--reference-limit",
+        type=int,
+        default=None,
+        help="SST-2 dev sentences the torch references run on (default 64; --quick: 16)",
+    )
     args = parser.parse_args(argv)
 
     ok, why = cb.is_available()
     if not ok:
         raise SystemExit(why)
     report = Report()
-    print(f"# {report.base['device']}, {report.base['threads']} threads, kernels "
-          f"{report.base['kernel_path']}, load average {load_average():.2f}", flush=True)
+    print(
+        f"# {report.base['device']}, {report.base['threads']} threads, kernels "
+        f"{report.base['kernel_path']}, load average {load_average():.2f}",
+        flush=True,
+    )
     if args.quick:
         gemm_shapes, repeats, model_b, step_repeats = (8, 8, 64), 3, 8, 1
         timesteps = args.timesteps or [8]
@@ -443,8 +572,18 @@ def main(argv=None):
         bench_attention(report, "minilm-4l", *gemm_shapes, repeats=2 * repeats)
     if not args.skip_model:
         for T in timesteps:
-            bench_model(report, "minilm-4l", model_b, 64, T, repeats, step_repeats,
-                        heads_kept=0.5, neurons_kept=0.4, references=not args.skip_references)
+            bench_model(
+                report,
+                "minilm-4l",
+                model_b,
+                64,
+                T,
+                repeats,
+                step_repeats,
+                heads_kept=0.5,
+                neurons_kept=0.4,
+                references=not args.skip_references,
+            )
 
     if not args.skip_sst2:
         ref_limit = args.reference_limit or (16 if args.quick else 64)

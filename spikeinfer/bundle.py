@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from .checkpoint import load_checkpoint, save_checkpoint
 from .engine import evaluate
 
@@ -110,12 +112,14 @@ def bundle_pruned(
     backend: str = "auto",
     batch_size: int = 32,
     limit: int | None = None,
+    seeds: int = 5,
 ) -> dict:
     """Write `out` from the compacted model of `prune_dir/<stage>` and return its results.
 
     Sequential-mode draws are keyed by position in the batch, so the measurement is reproduced
     by the same seed and batch size: the default is `spikeinfer eval`'s, and results.json records
-    both."""
+    both. A sequential model is a stochastic one, so it is also measured over `seeds` seeds
+    (mean and standard deviation of each metric)."""
     from .report import collect_runs, prune_commands
 
     prune_dir, out = Path(prune_dir), Path(out)
@@ -170,6 +174,28 @@ def bundle_pruned(
             results.update({k: v for k, v in teacher.items() if k.startswith("teacher_")})
     run = next((r for r in collect_runs(prune_dir.parent) if r.folder == prune_dir), None)
     results["commands"] = prune_commands(run) if run is not None else []
+    if mode == "sequential" and seeds > 1:
+        runs = [r] + [
+            evaluate(
+                model,
+                task,
+                glue_dir=glue_dir,
+                mode=mode,
+                seed=seed + s,
+                backend=backend,
+                batch_size=batch_size,
+                progress=False,
+                limit=limit,
+            )
+            for s in range(1, seeds)
+        ]
+        spread = {"seeds": [seed + s for s in range(seeds)]}
+        for key in ("accuracy", "f1", "mcc", "pearson", "spearman"):
+            if key in r:
+                values = torch.tensor([x[key] for x in runs], dtype=torch.float64)
+                spread[f"{key}_mean"] = float(values.mean())
+                spread[f"{key}_std"] = float(values.std())
+        results["student_1bit_over_seeds"] = spread
     print(json.dumps({"stage": stage, "mode": mode, **results["student_1bit"]}), flush=True)
     save_checkpoint(
         model,

@@ -401,7 +401,13 @@ def _add_bundle(sub):
     p.add_argument(
         "--timesteps",
         default="1,2,4,8,16,32,64",
-        help="comma-separated T to evaluate besides T_conv",
+        help="comma-separated T to evaluate besides T_conv (--run)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=5,
+        help="seeds a sequential-mode model is measured over (--prune-run; mean and std)",
     )
     p.set_defaults(func=cmd_bundle)
 
@@ -416,6 +422,7 @@ def cmd_bundle(args) -> int:
             stage=args.stage or "temporal-retrain",
             glue_dir=args.glue_dir,
             backend=args.backend,
+            seeds=args.seeds,
         )
         return 0
     if not args.teacher:

@@ -156,13 +156,15 @@ def test_bundle_pruned_stage_serves_in_its_mode(run, tmp_path):
     root, out = run
     folder = tmp_path / "sst2-1bit-pruned"
     argv = ["bundle", "--prune-run", str(out), "--out", str(folder), "--glue-dir", str(GLUE)]
-    assert main([*argv, "--backend", "torch"]) == 0
+    assert main([*argv, "--backend", "torch", "--seeds", "2"]) == 0
     results = json.loads((folder / "results.json").read_text())
     stage = json.loads((out / "temporal-retrain" / "metrics.json").read_text())
     assert results["stage"] == "temporal-retrain" and results["mode"] == "sequential"
     assert results["baseline"]["acs_percent"] == pytest.approx(100.0)
     assert results["timesteps"] == stage["timesteps"]
     assert any("--schedule two-stage" in c for c in results["commands"])
+    spread = results["student_1bit_over_seeds"]
+    assert spread["seeds"] == [0, 1]
     # `eval` runs the bundled model in its own mode by default and reproduces results.json
     # (on the whole dev set here, where the stage itself measured only EVAL_LIMIT examples).
     model = load_checkpoint(folder)
@@ -180,3 +182,15 @@ def test_bundle_pruned_stage_serves_in_its_mode(run, tmp_path):
     assert again["mode"] == "sequential"
     assert again["accuracy"] == pytest.approx(results["student_1bit"]["accuracy"], abs=1e-9)
     assert again["latency"] == pytest.approx(stage["latency"])
+    seed1 = evaluate(
+        model,
+        "sst2",
+        glue_dir=GLUE,
+        backend="torch",
+        batch_size=results["batch_size"],
+        seed=1,
+        progress=False,
+    )
+    pair = [again["accuracy"], seed1["accuracy"]]
+    assert spread["accuracy_mean"] == pytest.approx(sum(pair) / 2)
+    assert spread["accuracy_std"] == pytest.approx(abs(pair[0] - pair[1]) / 2**0.5)

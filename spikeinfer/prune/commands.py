@@ -92,7 +92,12 @@ def add_prune_parser(subparsers):
     tp.add_argument("--vth-lr", type=float, default=1e-3, help="learning rate of thresholds")
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--eval-limit", type=int, default=None, help="evaluate N dev examples")
-    ev.add_argument("--eval-batch-size", type=int, default=64)
+    ev.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=32,
+        help="as `spikeinfer eval`'s: sequential-mode draws depend on the batching",
+    )
     p.add_argument("--json", action="store_true", help="print every stage's headline as JSON")
     p.set_defaults(func=cmd_prune, _parser=p)
     return p

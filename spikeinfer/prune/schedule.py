@@ -82,7 +82,7 @@ class PruneArgs:
     # data / evaluation limits
     train_limit: int | None = None
     eval_limit: int | None = None
-    eval_batch_size: int = 64
+    eval_batch_size: int = 32  # `spikeinfer eval`'s, so its sequential draws are the same
 
 
 @dataclass(frozen=True)
