@@ -26,6 +26,7 @@ vs ACs %.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +99,14 @@ class Run:
 def collect_runs(root: Path) -> list[Run]:
     """Every folder under `root` with `<stage>/metrics.json` files, as a Run."""
     by_folder: dict[Path, dict[str, dict]] = {}
-    for path in sorted(Path(root).rglob(METRICS_NAME)):
+    # os.walk follows symlinks (Path.rglob does not before 3.13): a report folder may link runs
+    # kept elsewhere.
+    found = [
+        Path(folder) / METRICS_NAME
+        for folder, _, files in os.walk(root, followlinks=True)
+        if METRICS_NAME in files
+    ]
+    for path in sorted(found):
         data = json.loads(path.read_text())
         stage = data.get("stage", path.parent.name)
         by_folder.setdefault(path.parent.parent, {})[stage] = data
