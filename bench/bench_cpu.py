@@ -109,7 +109,9 @@ class Report:
 
 
 # -- binary GEMM --------------------------------------------------------------------------------
-def bench_gemm(report: Report, preset: str, T: int, B: int, S: int, repeats: int):
+def bench_gemm(
+    report: Report, preset: str, T: int, B: int, S: int, repeats: int, slow_repeats: int
+):
     cfg = ModelConfig.from_name(preset)
     for name, K, N in (
         ("hidden", cfg.hidden_size, cfg.hidden_size),
@@ -126,10 +128,12 @@ def bench_gemm(report: Report, preset: str, T: int, B: int, S: int, repeats: int
             "batch": B,
             "seq_len": S,
         }
-        gemm_case(report, shapes, repeats)
+        gemm_case(report, shapes, repeats, slow_repeats)
 
 
-def gemm_case(report: Report, shapes: dict, repeats: int):
+def gemm_case(report: Report, shapes: dict, repeats: int, slow_repeats: int):
+    """The fused op (milliseconds) over `repeats`; the rest (ten times slower and more, so
+    steadier) over `slow_repeats`."""
     T, M, K, N = shapes["T"], shapes["M"], shapes["K"], shapes["N"]
     macs = M * K * N
     gen = torch.Generator().manual_seed(0)
@@ -162,22 +166,22 @@ def gemm_case(report: Report, shapes: dict, repeats: int):
     row("cpu spike_linear_neuron, 1 thread", ms1, threads=1)
     row(
         "cpu binary_gemm (float32 out)",
-        median_ms(lambda: cb.binary_gemm(packed, packed_w, K, alpha, bias), repeats),
+        median_ms(lambda: cb.binary_gemm(packed, packed_w, K, alpha, bias), slow_repeats),
     )
 
     def unfused():  # what fusing the IF scan into the GEMM saves
         current = cb.binary_gemm(packed_t, packed_w, K, alpha, bias)
         return cb.neuron_scan(current, 1.0)
 
-    row("cpu binary_gemm + neuron_scan (unfused)", median_ms(unfused, repeats))
+    row("cpu binary_gemm + neuron_scan (unfused)", median_ms(unfused, slow_repeats))
     # References at the same shapes: fp32 / bf16 matmul of spikes by +-1 weights, int8 matmul.
     w32 = signs.t().contiguous()
-    row("torch fp32 matmul (MKL)", median_ms(lambda: torch.matmul(spikes, w32), repeats))
+    row("torch fp32 matmul (MKL)", median_ms(lambda: torch.matmul(spikes, w32), slow_repeats))
     s16, w16 = spikes.bfloat16(), w32.bfloat16()
-    row("torch bf16 matmul", median_ms(lambda: torch.matmul(s16, w16), repeats))
+    row("torch bf16 matmul", median_ms(lambda: torch.matmul(s16, w16), slow_repeats))
     s8, w8 = spikes.to(torch.int8), w32.to(torch.int8)
     try:
-        row("torch._int_mm int8", median_ms(lambda: torch._int_mm(s8, w8), repeats))
+        row("torch._int_mm int8", median_ms(lambda: torch._int_mm(s8, w8), slow_repeats))
     except RuntimeError as err:
         print(f"torch._int_mm unavailable: {err}", file=sys.stderr)
 
@@ -568,7 +572,7 @@ def main(argv=None):
         # Each GEMM call takes milliseconds: many repeats make its median robust to the moments
         # when another process holds one of the two cores.
         for preset in ("minilm-4l", "spikingbert-base"):
-            bench_gemm(report, preset, *gemm_shapes, repeats=8 * repeats)
+            bench_gemm(report, preset, *gemm_shapes, repeats=8 * repeats, slow_repeats=repeats)
         bench_attention(report, "minilm-4l", *gemm_shapes, repeats=2 * repeats)
     if not args.skip_model:
         for T in timesteps:
