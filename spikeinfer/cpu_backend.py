@@ -18,6 +18,7 @@ import hashlib
 import importlib.resources
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -93,6 +94,39 @@ def _build_dir(sources: list[Path]) -> tuple[str, Path]:
     return f"spikeinfer_cpu_{key}", path
 
 
+# glibc's malloc hands freed blocks above M_MMAP_THRESHOLD, and a free heap top above
+# M_TRIM_THRESHOLD, back to the OS at once, so the few-MB outputs of every op are page-faulted in
+# again on the next call. Where page faults are expensive (virtual machines, sandboxes) that cost
+# as much as the kernels: a hidden-size projection ran at 1.4 instead of 2.4 T binary MACs/s
+# (bench/results/cpu_2026-11-21_session2.json). Keeping freed memory in the process, as jemalloc
+# and tcmalloc do, removes it. SPIKEINFER_MALLOC_TUNING=0 leaves the allocator alone.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit
+_allocator_tuned: bool | None = None
+
+
+def tune_allocator() -> bool:
+    """Apply the malloc settings above once per process (glibc only); returns whether they are
+    in effect."""
+    global _allocator_tuned
+    if _allocator_tuned is not None:
+        return _allocator_tuned
+    _allocator_tuned = False
+    if os.environ.get("SPIKEINFER_MALLOC_TUNING", "1") == "0" or sys.platform != "linux":
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        return False
+    _allocator_tuned = (
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
+        and mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
+    )
+    return _allocator_tuned
+
+
 def load_library():
     """Compile (once, cached) and load the kernels; raises RuntimeError with the reason."""
     global _loaded, _load_error
@@ -125,6 +159,7 @@ def load_library():
                     verbose=os.environ.get("SPIKEINFER_VERBOSE_BUILD") == "1",
                 )
             _register_fakes()
+            tune_allocator()
             _loaded = True
         except Exception as err:  # keep the reason for is_available() and later calls
             detail = str(err)

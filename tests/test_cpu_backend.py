@@ -8,6 +8,10 @@ AVX-512 and portable kernel paths must agree exactly with each other.
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -580,3 +584,16 @@ def test_bad_arguments_raise_clear_errors():
         )
     with pytest.raises(ValueError, match="mode"):
         cb.simulate(firing_model(), *inputs(), mode="bogus")
+
+
+def test_allocator_tuning_is_applied_once_and_can_be_turned_off():
+    code = (
+        "from spikeinfer import cpu_backend as cb; print(cb.tune_allocator(), cb.tune_allocator())"
+    )
+    env = {**os.environ, "SPIKEINFER_MALLOC_TUNING": "0"}
+    off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert off.stdout.split() == ["False", "False"]
+    if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
+        env["SPIKEINFER_MALLOC_TUNING"] = "1"
+        on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert on.stdout.split() == ["True", "True"]
