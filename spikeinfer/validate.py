@@ -46,18 +46,20 @@ def validate(
     glue_dir=None,
     limit=None,
     batch_size: int = 32,
-    mode: str = "unrolled",
+    mode: str | None = None,
     timesteps=None,
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Run reference and backend side by side on a GLUE dev split; returns the comparison."""
+    """Run reference and backend side by side on a GLUE dev split; returns the comparison.
+    `mode` defaults to the model's own (`engine.default_mode`)."""
     from tqdm import tqdm
 
     from .data import bucket_batches, collate, get_task, load_glue, load_tokenizer, tokenize
-    from .engine import resolve_backend
+    from .engine import default_mode, resolve_backend
 
     backend = resolve_backend(backend)
+    mode = mode or default_mode(model)
     spec = get_task(task)
     dataset = load_glue(spec.name, "dev", glue_dir)
     if limit is not None:
