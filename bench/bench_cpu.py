@@ -46,20 +46,9 @@ sys.path.insert(0, str(ROOT))
 
 from spikeinfer import cpu_backend as cb  # noqa: E402
 from spikeinfer.config import ModelConfig  # noqa: E402
+from spikeinfer.engine import device_name  # noqa: E402
 from spikeinfer.model import SpikingBert, compact  # noqa: E402
 from spikeinfer.quant import binarize  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def commit() -> str:
@@ -94,7 +83,7 @@ class Report:
     def __init__(self):
         self.rows: list[dict] = []
         self.base = {
-            "device": cpu_model(),
+            "device": device_name(torch.device("cpu")),
             "commit": commit(),
             "date": datetime.date.today().isoformat(),
             "threads": torch.get_num_threads(),
@@ -245,14 +234,7 @@ def firing_model(preset: str, seed: int = 0) -> SpikingBert:
     model = SpikingBert(ModelConfig.from_name(preset)).eval()
     with torch.no_grad():
         for block in model.layers:
-            for p in (
-                block.q_proj,
-                block.k_proj,
-                block.v_proj,
-                block.o_proj,
-                block.ffn1,
-                block.ffn2,
-            ):
+            for p in block.projections():
                 p.weight.normal_(0, 1.0)
                 p.bias.normal_(0.3, 0.3)
     return model.freeze_binary()

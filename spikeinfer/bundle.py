@@ -19,13 +19,10 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .engine import evaluate
 
 DEFAULT_TIMESTEPS = (1, 2, 4, 8, 16, 32, 64)
+METRIC_KEYS = ("accuracy", "f1", "mcc", "pearson", "spearman")
 # What results.json keeps of an evaluation.
 RESULT_KEYS = (
-    "accuracy",
-    "f1",
-    "mcc",
-    "pearson",
-    "spearman",
+    *METRIC_KEYS,
     "acs_percent",
     "normalized_c",
     "latency",
@@ -135,17 +132,24 @@ def bundle_pruned(
     task = meta["task"]
     mode = stage_metrics["mode"]
     seed = stage_metrics["args"]["seed"]
-    r = evaluate(
-        model,
-        task,
-        glue_dir=glue_dir,
-        mode=mode,
-        seed=seed,
-        backend=backend,
-        batch_size=batch_size,
-        progress=False,
-        limit=limit,
-    )
+    # A sequential model is stochastic: measure it over several seeds, the first being the one
+    # `spikeinfer eval` reproduces.
+    seed_list = [seed + s for s in range(seeds if mode == "sequential" else 1)]
+    runs = [
+        evaluate(
+            model,
+            task,
+            glue_dir=glue_dir,
+            mode=mode,
+            seed=s,
+            backend=backend,
+            batch_size=batch_size,
+            progress=False,
+            limit=limit,
+        )
+        for s in seed_list
+    ]
+    r = runs[0]
     results = {
         "task": task,
         "model": out.name,
@@ -172,25 +176,10 @@ def bundle_pruned(
         if source_results.is_file():
             teacher = json.loads(source_results.read_text())
             results.update({k: v for k, v in teacher.items() if k.startswith("teacher_")})
-    run = next((r for r in collect_runs(prune_dir.parent) if r.folder == prune_dir), None)
-    results["commands"] = prune_commands(run) if run is not None else []
-    if mode == "sequential" and seeds > 1:
-        runs = [r] + [
-            evaluate(
-                model,
-                task,
-                glue_dir=glue_dir,
-                mode=mode,
-                seed=seed + s,
-                backend=backend,
-                batch_size=batch_size,
-                progress=False,
-                limit=limit,
-            )
-            for s in range(1, seeds)
-        ]
-        spread = {"seeds": [seed + s for s in range(seeds)]}
-        for key in ("accuracy", "f1", "mcc", "pearson", "spearman"):
+    results["commands"] = [c for run in collect_runs(prune_dir) for c in prune_commands(run)]
+    if len(runs) > 1:
+        spread = {"seeds": seed_list}
+        for key in METRIC_KEYS:
             if key in r:
                 values = torch.tensor([x[key] for x in runs], dtype=torch.float64)
                 spread[f"{key}_mean"] = float(values.mean())

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
-from .model import Projection, SpikingBert
+from .model import PROJECTIONS, Projection, SpikingBert
 from .quant import pack_signs, unpack_signs
 
 # Tensors a checkpoint may reference instead of storing: the student's frozen word-embedding table
@@ -32,7 +32,6 @@ FORMAT = "spikeinfer-checkpoint"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "ffn1", "ffn2")
 
 
 class CheckpointError(ValueError):

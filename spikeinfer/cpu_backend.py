@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import ops
+from .model import PROJECTIONS
 
 _NAMESPACE = "spikeinfer_cpu"
 _CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
@@ -421,9 +422,6 @@ def bernoulli_pack(rates, columns, full_width, seed, stream, steps) -> torch.Ten
 
 
 # -- whole-model simulation -------------------------------------------------------------------
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "ffn1", "ffn2")
-
-
 def _projection_key(proj) -> tuple:
     """Changes whenever the projection's signs or scales can have changed."""
     if proj.frozen:
@@ -445,7 +443,7 @@ def packed_weights(model) -> list[dict]:
     out = []
     for l, block in enumerate(model.layers):
         entry = {}
-        for name in _PROJECTIONS:
+        for name in PROJECTIONS:
             proj = getattr(block, name)
             key = _projection_key(proj)
             hit = cache.get((l, name))

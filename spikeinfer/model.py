@@ -33,6 +33,8 @@ from .quant import binarize, binarize_ste
 
 BACKENDS = ("torch", "torch-step", "triton", "cpu")
 MODES = ("unrolled", "sequential")
+# The six 1-bit projections of a block, in the order checkpoints and kernels list them.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "ffn1", "ffn2")
 
 # Index of each sublayer's input stream in rng.INPUTS, for sequential-mode draws.
 _IN = {name: i for i, name in enumerate(rng.INPUTS)}
@@ -156,6 +158,9 @@ class Block(nn.Module):
         # Original (uncompacted) indices of the kept heads and FFN neurons.
         self.register_buffer("kept_heads", torch.arange(heads))
         self.register_buffer("kept_neurons", torch.arange(neurons))
+
+    def projections(self) -> list[Projection]:
+        return [getattr(self, name) for name in PROJECTIONS]
 
     @property
     def num_heads(self) -> int:
@@ -570,14 +575,7 @@ class SpikingBert(nn.Module):
     def freeze_binary(self):
         """Replace every 1-bit latent weight by its exact signs and scales (inference form)."""
         for block in self.layers:
-            for proj in (
-                block.q_proj,
-                block.k_proj,
-                block.v_proj,
-                block.o_proj,
-                block.ffn1,
-                block.ffn2,
-            ):
+            for proj in block.projections():
                 proj.freeze()
         return self
 

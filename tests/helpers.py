@@ -15,14 +15,7 @@ def firing_model(seed: int = 0, binary: bool = True, **overrides) -> SpikingBert
     model = SpikingBert(cfg).eval()
     with torch.no_grad():
         for block in model.layers:
-            for proj in (
-                block.q_proj,
-                block.k_proj,
-                block.v_proj,
-                block.o_proj,
-                block.ffn1,
-                block.ffn2,
-            ):
+            for proj in block.projections():
                 proj.weight.normal_(0.0, 1.0 if binary else 0.3)
                 proj.bias.normal_(0.3, 0.3)
     return model

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import firing_model
 
 from spikeinfer import ops, rng
 from spikeinfer.config import ModelConfig
@@ -380,24 +381,6 @@ def test_opcheck(case):
 
 
 # -- whole model --------------------------------------------------------------------------------
-def firing_model(seed=0, **overrides):
-    """A tiny random 1-bit model scaled to fire: weights N(0, 1), biases N(0.3, 0.3)."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig.from_name("tiny", **overrides)
-    model = SpikingBert(cfg).eval()
-    with torch.no_grad():
-        for block in model.layers:
-            for p in (
-                block.q_proj,
-                block.k_proj,
-                block.v_proj,
-                block.o_proj,
-                block.ffn1,
-                block.ffn2,
-            ):
-                p.weight.normal_(0, 1.0)
-                p.bias.normal_(0.3, 0.3)
-    return model
 
 
 def inputs(B=3, N=7, vocab=100, seed=1):

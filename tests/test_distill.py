@@ -121,14 +121,7 @@ def test_ste_reaches_latent_weights_of_1bit_student():
     out = model.surrogate(ids, mask, types)
     out.logits.sum().backward()
     for block in model.layers:
-        for proj in (
-            block.q_proj,
-            block.k_proj,
-            block.v_proj,
-            block.o_proj,
-            block.ffn1,
-            block.ffn2,
-        ):
+        for proj in block.projections():
             assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
 
 

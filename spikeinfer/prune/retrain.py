@@ -37,12 +37,11 @@ import torch
 import torch.nn as nn
 
 from .. import cost
-from ..model import SpikingBert
+from ..model import PROJECTIONS, SpikingBert
 from ..quant import latent_from_binary
 from . import temporal
 from .spatial import budget_acs, present_units, search_masks, task_loss, unit_costs
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "ffn1", "ffn2")
 HISTORY_NAME = "timesteps_history.json"
 
 
