@@ -97,10 +97,16 @@ inline int32_t masked_popcount(const uint64_t* row, int64_t K, int64_t kw64) {
 
 // ---- exact replicas of the scalar maths in spikeinfer_cpu.h, 16 lanes at a time --------------
 
-inline __m512 sleef_expf_u10_v(__m512 d) {
-  const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(
-      d, _mm512_set1_ps(1.442695040888963407359924681001892137426645954152985934135449406931f)));
-  const __m512 qf = _mm512_cvtepi32_ps(q);
+// sleef_expf_u10 for d <= 0 (softmax arguments, the max already subtracted). Sleef scales by
+// 2^q as two exact power-of-two products, u * 2^(q/2) * 2^(q - q/2), so that the intermediate
+// stays normal; VSCALEFPS forms u * 2^q in one step with a single rounding, which for d >= -104
+// (q >= -150) is the same rounding of the same exact product, so the result is identical to
+// the scalar replica bit for bit at about two thirds of the instructions.
+inline __m512 sleef_expf_u10_nonpositive_v(__m512 d) {
+  const __m512 qf = _mm512_roundscale_ps(
+      _mm512_mul_ps(d, _mm512_set1_ps(
+                           1.442695040888963407359924681001892137426645954152985934135449406931f)),
+      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-0.693145751953125f), d);
   s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-1.428606765330187045e-06f), s);
   __m512 u = _mm512_set1_ps(0.000198527617612853646278381f);
@@ -110,15 +116,9 @@ inline __m512 sleef_expf_u10_v(__m512 d) {
   u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.166666671633720397949219f));
   u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.5f));
   u = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_mul_ps(s, s), u, s));
-  const __m512i q1 = _mm512_srai_epi32(q, 1);
-  const __m512i q2 = _mm512_sub_epi32(q, q1);
-  const __m512i bias = _mm512_set1_epi32(0x7f);
-  u = _mm512_mul_ps(u, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q1, bias), 23)));
-  u = _mm512_mul_ps(u, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q2, bias), 23)));
-  u = _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(d, _mm512_set1_ps(-104.0f), _CMP_LT_OQ),
-                         _mm512_setzero_ps());
-  return _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(_mm512_set1_ps(100.0f), d, _CMP_LT_OQ),
-                            _mm512_set1_ps(INFINITY));
+  u = _mm512_scalef_ps(u, qf);
+  return _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(d, _mm512_set1_ps(-104.0f), _CMP_LT_OQ),
+                            _mm512_setzero_ps());
 }
 
 // acc + popcount(x & broadcast(w)) on 16 lanes of 32 bits.
@@ -445,7 +445,8 @@ void attend_chunk(const AttentionArgs& a, const AttentionScratch& w, int64_t Sp,
       sum = _mm512_setzero_ps();
       for (int64_t j = 0; j < S; ++j) {
         float* p = w.s_t + j * kChunk * 16 + bb * 16;
-        const __m512 e = sleef_expf_u10_v(_mm512_sub_ps(_mm512_load_ps(p), mx[bb]));
+        const __m512 e =
+            sleef_expf_u10_nonpositive_v(_mm512_sub_ps(_mm512_load_ps(p), mx[bb]));
         _mm512_store_ps(p, e);
         sum = j == 0 ? e : _mm512_add_ps(sum, e);
       }
@@ -455,7 +456,8 @@ void attend_chunk(const AttentionArgs& a, const AttentionScratch& w, int64_t Sp,
         for (int l = 0; l < 16; ++l) {
           if (j0 + l >= S) break;
           float* p = w.s_t + (j0 + l) * kChunk * 16 + bb * 16;
-          const __m512 e = sleef_expf_u10_v(_mm512_sub_ps(_mm512_load_ps(p), mx[bb]));
+          const __m512 e =
+            sleef_expf_u10_nonpositive_v(_mm512_sub_ps(_mm512_load_ps(p), mx[bb]));
           _mm512_store_ps(p, e);
           lanes[l] = j0 == 0 ? e : _mm512_add_ps(lanes[l], e);
         }

