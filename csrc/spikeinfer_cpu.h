@@ -206,21 +206,25 @@ inline float softmax_sum(const float* e, int64_t n) {
 // multiply-adds are contracted into FMAs by the compiler. `Vec` is an 8-lane float vector type
 // (a plain array in the portable unit, __m256 in the AVX-512 unit) with lane-wise + - * and
 // fmadd, so both paths round identically.
-inline void add_moments_scalar(int64_t m0_add, float m1_add, float m2_add, int64_t& m0, float& m1,
-                               float& m2) {
+// The weight m0_add / (m0 + m0_add) of a merged-in part, as PyTorch computes it. Rows of one
+// LayerNorm have equal lengths, so their counts, and these weights, are the same at every merge:
+// rowwise_moments divides once per merge for all R rows, not once per row.
+inline float merge_weight(int64_t m0, int64_t m0_add) {
   const int64_t n = m0 + m0_add;
-  const float c = n == 0 ? 0.0f : static_cast<float>(m0_add) / static_cast<float>(n);
+  return n == 0 ? 0.0f : static_cast<float>(m0_add) / static_cast<float>(n);
+}
+
+inline void add_moments_scalar(int64_t m0_add, float m1_add, float m2_add, float c, int64_t& m0,
+                               float& m1, float& m2) {
   const float delta = m1_add - m1;
   m1 = std::fma(c, delta, m1);
   m2 = m2 + std::fma(delta * delta * c, static_cast<float>(m0), m2_add);
-  m0 = n;
+  m0 += m0_add;
 }
 
 template <class Vec>
-inline void add_moments_vec(int64_t m0_add, const Vec& m1_add, const Vec& m2_add, int64_t& m0,
-                            Vec& m1, Vec& m2) {
-  const int64_t n = m0 + m0_add;
-  const float c = n == 0 ? 0.0f : static_cast<float>(m0_add) / static_cast<float>(n);
+inline void add_moments_vec(int64_t m0_add, const Vec& m1_add, const Vec& m2_add, float c,
+                            int64_t& m0, Vec& m1, Vec& m2) {
   const Vec c_vec = Vec::set1(c);
   const Vec delta = m1_add - m1;
   const Vec m2_tmp = m2 + m2_add;
@@ -228,7 +232,7 @@ inline void add_moments_vec(int64_t m0_add, const Vec& m1_add, const Vec& m2_add
   const Vec m0_delta = delta * Vec::set1(static_cast<float>(m0));
   m1 = m1 + c_delta;
   m2 = Vec::fmadd(m0_delta, c_delta, m2_tmp);
-  m0 = n;
+  m0 += m0_add;
 }
 
 // 1 / (j + 1) in float, the per-step Welford weights of a chunk (PyTorch keeps the same table).
@@ -265,26 +269,32 @@ inline void rowwise_moments(const float* const* x, int64_t len, float* mean, flo
         m2[r] = Vec::fmadd(delta, xv - m1[r], m2[r]);
       }
     }
-    for (int r = 0; r < R; ++r) {
-      add_moments_vec(m0, m1[r], m2[r], m0_stk[r][0], m1_stk[r][0], m2_stk[r][0]);
-      int64_t mask = i + 1;
-      for (int64_t j = 1; j < depth && (mask & 1) == 0; ++j) {
-        add_moments_vec(m0_stk[r][j - 1], m1_stk[r][j - 1], m2_stk[r][j - 1], m0_stk[r][j],
+    const float c0 = merge_weight(m0_stk[0][0], m0);
+    for (int r = 0; r < R; ++r)
+      add_moments_vec(m0, m1[r], m2[r], c0, m0_stk[r][0], m1_stk[r][0], m2_stk[r][0]);
+    int64_t mask = i + 1;
+    for (int64_t j = 1; j < depth && (mask & 1) == 0; ++j) {
+      const float c = merge_weight(m0_stk[0][j], m0_stk[0][j - 1]);
+      for (int r = 0; r < R; ++r) {
+        add_moments_vec(m0_stk[r][j - 1], m1_stk[r][j - 1], m2_stk[r][j - 1], c, m0_stk[r][j],
                         m1_stk[r][j], m2_stk[r][j]);
         m0_stk[r][j - 1] = 0;
         m1_stk[r][j - 1] = m2_stk[r][j - 1] = Vec::set1(0.0f);
-        mask >>= 1;
       }
+      mask >>= 1;
     }
   }
   // Final merges, rows interleaved so their serial chains overlap.
   float m1_lanes[R][kLanes], m2_lanes[R][kLanes];
   int64_t m0[R];
   float m1[R], m2[R];
-  for (int r = 0; r < R; ++r) {
-    for (int64_t i = 1; i < depth; ++i)
-      add_moments_vec(m0_stk[r][i], m1_stk[r][i], m2_stk[r][i], m0_stk[r][0], m1_stk[r][0],
+  for (int64_t i = 1; i < depth; ++i) {
+    const float c = merge_weight(m0_stk[0][0], m0_stk[0][i]);
+    for (int r = 0; r < R; ++r)
+      add_moments_vec(m0_stk[r][i], m1_stk[r][i], m2_stk[r][i], c, m0_stk[r][0], m1_stk[r][0],
                       m2_stk[r][0]);
+  }
+  for (int r = 0; r < R; ++r) {
     m1_stk[r][0].store(m1_lanes[r]);
     m2_stk[r][0].store(m2_lanes[r]);
     m0[r] = 0;
@@ -297,9 +307,11 @@ inline void rowwise_moments(const float* const* x, int64_t len, float* mean, flo
       m2[r] = std::fma(delta, xi - m1[r], m2[r]);
     }
   }
-  for (int64_t l = 0; l < kLanes; ++l)
+  for (int64_t l = 0; l < kLanes; ++l) {
+    const float c = merge_weight(m0[0], n);
     for (int r = 0; r < R; ++r)
-      add_moments_scalar(n, m1_lanes[r][l], m2_lanes[r][l], m0[r], m1[r], m2[r]);
+      add_moments_scalar(n, m1_lanes[r][l], m2_lanes[r][l], c, m0[r], m1[r], m2[r]);
+  }
   for (int r = 0; r < R; ++r) {
     mean[r] = m1[r];
     var[r] = m2[r] / static_cast<float>(len);
