@@ -649,31 +649,52 @@ void bernoulli_avx512(const BernoulliArgs& a, int64_t begin, int64_t end) {
     x = _mm512_mullo_epi32(x, m2);
     return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
   };
-  const __m512 two_m24 = _mm512_set1_ps(5.9604644775390625e-08f);
-  for (int64_t m = begin; m < end; ++m) {
-    const __m512i row_base = _mm512_set1_epi64(m * a.full_width);
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-      const __mmask16 valid = tail_mask16(a.K - blk * 16);
-      const __m512i lo = _mm512_add_epi64(
-          row_base, _mm512_maskz_loadu_epi64(static_cast<__mmask8>(valid), a.cols + blk * 16));
-      const __m512i hi = _mm512_add_epi64(
-          row_base,
-          _mm512_maskz_loadu_epi64(static_cast<__mmask8>(valid >> 8), a.cols + blk * 16 + 8));
-      const __m512i element = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)),
-                                                 _mm512_cvtepi64_epi32(hi), 1);
-      const __m512i mixed = mix(element);
-      const __m512 rate = _mm512_maskz_loadu_ps(valid, a.rates + m * a.K + blk * 16);
-      for (int64_t s = 0; s < a.steps; ++s) {
-        const __m512i key = _mm512_set1_epi32(static_cast<int>(a.step_keys[s]));
-        const __m512i h = mix(_mm512_xor_si512(mixed, key));
-        const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), two_m24);
-        const __mmask16 spike = _mm512_cmp_ps_mask(u, rate, _CMP_LT_OQ) & valid;
-        reinterpret_cast<uint16_t*>(a.spikes + (s * a.M + m) * a.kw64)[blk] = spike;
+  // u = (h >> 8) * 2^-24 < rate  <=>  (h >> 8) < ceil(rate * 2^24), both sides exact (an integer
+  // below 2^24 and a power-of-two scaling), so each element's threshold is formed once and every
+  // step compares integers. Lanes past K get threshold 0: they never fire.
+  const __m512 two_p24 = _mm512_set1_ps(16777216.0f);
+  // Rows go in tiles whose element hashes and thresholds are formed once, then step by step, so
+  // the words of one step are written contiguously (row by row, all steps of one row would touch
+  // a page per step).
+  constexpr int64_t kTileRows = 16;
+  Scratch<uint32_t> mixed(kTileRows * blocks * 16), threshold(kTileRows * blocks * 16);
+  for (int64_t m0 = begin; m0 < end; m0 += kTileRows) {
+    const int64_t rows = std::min(kTileRows, end - m0);
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t m = m0 + i;
+      const __m512i row_base = _mm512_set1_epi64(m * a.full_width);
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const __mmask16 valid = tail_mask16(a.K - blk * 16);
+        const __m512i lo = _mm512_add_epi64(
+            row_base, _mm512_maskz_loadu_epi64(static_cast<__mmask8>(valid), a.cols + blk * 16));
+        const __m512i hi = _mm512_add_epi64(
+            row_base,
+            _mm512_maskz_loadu_epi64(static_cast<__mmask8>(valid >> 8), a.cols + blk * 16 + 8));
+        const __m512i element = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)), _mm512_cvtepi64_epi32(hi), 1);
+        const int64_t o = (i * blocks + blk) * 16;
+        _mm512_store_si512(mixed.p + o, mix(element));
+        const __m512 rate = _mm512_maskz_loadu_ps(valid, a.rates + m * a.K + blk * 16);
+        const __m512 scaled = _mm512_min_ps(
+            _mm512_max_ps(_mm512_mul_ps(rate, two_p24), _mm512_setzero_ps()), two_p24);
+        _mm512_store_si512(threshold.p + o,
+                           _mm512_cvttps_epu32(_mm512_roundscale_ps(
+                               scaled, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC)));
       }
     }
-    for (int64_t s = 0; s < a.steps; ++s)
-      for (int64_t blk = blocks; blk < a.kw64 * 4; ++blk)
-        reinterpret_cast<uint16_t*>(a.spikes + (s * a.M + m) * a.kw64)[blk] = 0;
+    for (int64_t s = 0; s < a.steps; ++s) {
+      const __m512i key = _mm512_set1_epi32(static_cast<int>(a.step_keys[s]));
+      for (int64_t i = 0; i < rows; ++i) {
+        uint16_t* out = reinterpret_cast<uint16_t*>(a.spikes + (s * a.M + m0 + i) * a.kw64);
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+          const int64_t o = (i * blocks + blk) * 16;
+          const __m512i h = mix(_mm512_xor_si512(_mm512_load_si512(mixed.p + o), key));
+          out[blk] = static_cast<uint16_t>(_mm512_cmplt_epu32_mask(
+              _mm512_srli_epi32(h, 8), _mm512_load_si512(threshold.p + o)));
+        }
+        for (int64_t blk = blocks; blk < a.kw64 * 4; ++blk) out[blk] = 0;
+      }
+    }
   }
 }
 

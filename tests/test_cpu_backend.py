@@ -291,6 +291,23 @@ def test_bernoulli_pack_matches_rng(K, full, kernel_path):
         assert torch.equal(cb.unpack_spikes(packed, K), ref)
 
 
+def test_bernoulli_pack_at_the_threshold(kernel_path):
+    """Rates equal to a draw's own uniform (no spike: u < rate is strict), one float above and
+    below it, and the 0 / 1 / out-of-range ends, all as the reference decides them."""
+    K, full, seed, stream = 48, 48, 11, 3
+    cols = torch.arange(K)
+    elements = torch.arange(4 * K).view(4, 1, K)
+    u = rng.uniform(seed, stream, range(1), elements)[0]  # [4, 1, K]
+    rates = torch.stack(
+        [u[0], torch.nextafter(u[1], torch.ones(())), torch.nextafter(u[2], torch.zeros(())), u[3]]
+    )
+    rates[3, 0, :4] = torch.tensor([0.0, 1.0, -0.5, 1.5])
+    ref = rng.bernoulli_spikes(rates, seed, stream, range(1), elements)
+    assert not ref[0, 0].any() and ref[0, 1].all()
+    packed = cb.bernoulli_pack(rates, cols, full, seed, stream, 1)
+    assert torch.equal(cb.unpack_spikes(packed, K), ref)
+
+
 # -- opcheck ------------------------------------------------------------------------------------
 def _opcheck_cases():
     gen = torch.Generator().manual_seed(0)
