@@ -316,6 +316,21 @@ void linear_neuron_avx512(const LinearNeuronArgs& a, int64_t begin, int64_t end)
           const int64_t t = t0 + s;
           for (int64_t m0 = mb; m0 < mb + mb_rows; m0 += R) {
             const int64_t rr = std::min<int64_t>(R, mb + mb_rows - m0);
+            // The next block's rows of this step: [T, M, words] puts each step of a row in its
+            // own page, T streams too many for the hardware prefetcher to follow.
+            if (g0 == 0 && m0 + rows_per_block < end) {
+              const int64_t next = t * a.M + m0 + rows_per_block;
+              for (int r = 0; r < R; r += 1) {
+                _mm_prefetch(reinterpret_cast<const char*>(a.x + (next + r) * a.kw64),
+                             _MM_HINT_T1);
+                if (a.residual != nullptr)
+                  _mm_prefetch(reinterpret_cast<const char*>(a.residual + (next + r) * a.nw64),
+                               _MM_HINT_T1);
+                if (a.spikes != nullptr)
+                  _mm_prefetch(reinterpret_cast<const char*>(a.spikes + (next + r) * a.nw64),
+                               _MM_HINT_T1);
+              }
+            }
             for (int r = 0; r < R; ++r) {
               // Short blocks repeat their last row; the duplicate results are never stored.
               const int64_t row = t * a.M + m0 + std::min<int64_t>(r, rr - 1);
