@@ -255,6 +255,14 @@ inline void write_rates(const int32_t* counts, int64_t N, int64_t T, float* rate
   }
 }
 
+// Bits row[start .. start+len) as the low len bits of a word (len <= 64).
+inline uint64_t bit_field(const uint64_t* row, int64_t start, int64_t len) {
+  const int64_t off = start & 63;
+  uint64_t bits = row[start >> 6] >> off;
+  if (off + len > 64) bits |= row[(start >> 6) + 1] << (64 - off);
+  return len < 64 ? bits & ((uint64_t{1} << len) - 1) : bits;
+}
+
 // Calls f(offset) for every set bit of row[start .. start+len), in ascending order.
 template <class F>
 inline void for_each_set_bit(const uint64_t* row, int64_t start, int64_t len, F&& f) {
@@ -549,6 +557,9 @@ void attention_avx512(const AttentionArgs& a, int64_t begin, int64_t end) {
       membrane(max_width * Sp);
   Scratch<int32_t> counts(max_width * Sp);
   Scratch<uint64_t> bits_t(words * Sp), v_t(d * key_words);
+  // Keys padded to a whole group of 8 with zero bits (read as one 512-bit load).
+  Scratch<uint64_t> head_bits((S + 7) / 8 * 8);
+  for (int64_t j = S; j < (S + 7) / 8 * 8; ++j) head_bits[j] = 0;
   const AttentionScratch w{q_t.p, s_t.p, membrane.p, counts.p, bits_t.p, v_t.p};
   const uint32_t tail32 = last_word32_mask(a.K);
 
@@ -626,10 +637,25 @@ void attention_avx512(const AttentionArgs& a, int64_t begin, int64_t end) {
         const int64_t hc = (h - h0) * d;
         // V bits of this head transposed: one key mask per column.
         std::memset(v_t.p, 0, sizeof(uint64_t) * d * key_words);
-        for (int64_t j = 0; j < S; ++j)
-          for_each_set_bit(a.v + (row0 + j) * a.nw64, h * d, d, [&](int64_t c) {
-            v_t[c * key_words + (j >> 6)] |= uint64_t{1} << (j & 63);
-          });
+        if (d <= 64) {
+          // The head's d bits of 8 keys in 8 lanes; one VPTESTMQ per column gives that
+          // column's byte of key bits (a per-set-bit scatter cost a fifth of the op).
+          for (int64_t j = 0; j < S; ++j)
+            head_bits[j] = bit_field(a.v + (row0 + j) * a.nw64, h * d, d);
+          uint8_t* v_t8 = reinterpret_cast<uint8_t*>(v_t.p);
+          for (int64_t j0 = 0; j0 < S; j0 += 8) {
+            const __m512i keys = _mm512_load_si512(head_bits.p + j0);
+            const int64_t byte = (j0 >> 6) * 8 + ((j0 & 63) >> 3);
+            for (int64_t c = 0; c < d; ++c)
+              v_t8[c * key_words * 8 + byte] = static_cast<uint8_t>(
+                  _mm512_test_epi64_mask(keys, _mm512_set1_epi64(static_cast<long long>(1ull << c))));
+          }
+        } else {
+          for (int64_t j = 0; j < S; ++j)
+            for_each_set_bit(a.v + (row0 + j) * a.nw64, h * d, d, [&](int64_t c) {
+              v_t[c * key_words + (j >> 6)] |= uint64_t{1} << (j & 63);
+            });
+        }
         for (int64_t blk0 = 0; blk0 < blocks; blk0 += kChunk) {
           switch (std::min(kChunk, blocks - blk0)) {
             case 4: attend_chunk<4>(a, w, Sp, row0, h, hc, blk0, mask, key_words); break;

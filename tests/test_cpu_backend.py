@@ -227,7 +227,14 @@ def test_spike_linear_neuron(T, M, K, N, epilogue, monkeypatch):
 # -- attention ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "T,B,S,D,H",
-    [(1, 1, 1, 16, 2), (3, 2, 7, 32, 4), (2, 3, 37, 96, 3), (2, 2, 20, 24, 3), (2, 2, 70, 384, 12)],
+    [
+        (1, 1, 1, 16, 2),
+        (3, 2, 7, 32, 4),
+        (2, 3, 37, 96, 3),
+        (2, 2, 20, 24, 3),
+        (2, 2, 19, 72, 3),  # head 2 straddles a 64-bit word
+        (2, 2, 70, 384, 12),
+    ],
 )
 @pytest.mark.parametrize("gated", [False, True])
 def test_spiking_attention_neuron(T, B, S, D, H, gated, monkeypatch):
