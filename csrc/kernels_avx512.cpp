@@ -9,7 +9,9 @@
 //
 // register-blocked over R rows of spikes (one weight load feeds R rows) and C column groups.
 // Epilogues, the IF/LIF scan, attention and the Bernoulli hash evaluate exactly the expressions of
-// kernels_portable.cpp in the same order (lane-wise), so both paths agree bit for bit.
+// kernels_portable.cpp in the same order (lane-wise), or ones proven to give the same bits (the
+// Bernoulli test on integers, the softmax exp's single-step scaling; see each), so both paths
+// agree bit for bit.
 //
 // Attention runs transposed (queries in vector lanes), which turns both products with spiking
 // operands into sparse sums over the set bits of K and V:
