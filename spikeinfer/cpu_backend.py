@@ -14,6 +14,7 @@ bits zero. `simulate` runs a whole 1-bit `SpikingBert` with these ops and return
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.resources
 import os
@@ -128,6 +129,24 @@ def tune_allocator() -> bool:
     return _allocator_tuned
 
 
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """Serialise builds of one build folder across processes with an OS file lock, which the
+    kernel releases when its holder dies. torch's own lock is a plain `lock` file: a build killed
+    midway leaves it behind and every later process waits on it forever. Holding this lock, any
+    such file is a dead build's, so it is removed (with ninja's) before torch looks."""
+    import fcntl
+
+    with open(build_dir / "spikeinfer.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            for stale in ("lock", ".ninja_lock"):
+                (build_dir / stale).unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def load_library():
     """Compile (once, cached) and load the kernels; raises RuntimeError with the reason."""
     global _loaded, _load_error
@@ -149,16 +168,17 @@ def load_library():
                     _check_toolchain()
                 from torch.utils.cpp_extension import load
 
-                load(
-                    name=name,
-                    sources=[str(s) for s in sources if s.suffix == ".cpp"],
-                    extra_cflags=_CFLAGS,
-                    extra_ldflags=_LDFLAGS,
-                    extra_include_paths=[str(src)],
-                    build_directory=str(build_dir),
-                    is_python_module=False,
-                    verbose=os.environ.get("SPIKEINFER_VERBOSE_BUILD") == "1",
-                )
+                with _build_lock(build_dir):
+                    load(
+                        name=name,
+                        sources=[str(s) for s in sources if s.suffix == ".cpp"],
+                        extra_cflags=_CFLAGS,
+                        extra_ldflags=_LDFLAGS,
+                        extra_include_paths=[str(src)],
+                        build_directory=str(build_dir),
+                        is_python_module=False,
+                        verbose=os.environ.get("SPIKEINFER_VERBOSE_BUILD") == "1",
+                    )
             _register_fakes()
             tune_allocator()
             _loaded = True

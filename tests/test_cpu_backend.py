@@ -604,3 +604,14 @@ def test_allocator_tuning_is_applied_once_and_can_be_turned_off():
         env["SPIKEINFER_MALLOC_TUNING"] = "1"
         on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         assert on.stdout.split() == ["True", "True"]
+
+
+def test_build_lock_clears_a_killed_builds_baton(tmp_path):
+    """A build killed midway leaves torch's `lock` file (and ninja's); the next build must not
+    wait on them forever."""
+    for stale in ("lock", ".ninja_lock"):
+        (tmp_path / stale).write_text("")
+    with cb._build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists() and not (tmp_path / ".ninja_lock").exists()
+        (tmp_path / "lock").write_text("")  # torch's baton of the build in progress
+    assert (tmp_path / "spikeinfer.lock").exists()
