@@ -326,21 +326,6 @@ void linear_neuron_avx512(const LinearNeuronArgs& a, int64_t begin, int64_t end)
           const int64_t t = t0 + s;
           for (int64_t m0 = mb; m0 < mb + mb_rows; m0 += R) {
             const int64_t rr = std::min<int64_t>(R, mb + mb_rows - m0);
-            // The next block's rows of this step: [T, M, words] puts each step of a row in its
-            // own page, T streams too many for the hardware prefetcher to follow.
-            if (g0 == 0 && m0 + rows_per_block < end) {
-              const int64_t next = t * a.M + m0 + rows_per_block;
-              for (int r = 0; r < R; r += 1) {
-                _mm_prefetch(reinterpret_cast<const char*>(a.x + (next + r) * a.kw64),
-                             _MM_HINT_T1);
-                if (a.residual != nullptr)
-                  _mm_prefetch(reinterpret_cast<const char*>(a.residual + (next + r) * a.nw64),
-                               _MM_HINT_T1);
-                if (a.spikes != nullptr)
-                  _mm_prefetch(reinterpret_cast<const char*>(a.spikes + (next + r) * a.nw64),
-                               _MM_HINT_T1);
-              }
-            }
             for (int r = 0; r < R; ++r) {
               // Short blocks repeat their last row; the duplicate results are never stored.
               const int64_t row = t * a.M + m0 + std::min<int64_t>(r, rr - 1);
@@ -482,7 +467,7 @@ void attend_chunk(const AttentionArgs& a, const AttentionScratch& w, int64_t Sp,
           if (j0 + l >= S) break;
           float* p = w.s_t + (j0 + l) * kChunk * 16 + bb * 16;
           const __m512 e =
-            sleef_expf_u10_nonpositive_v(_mm512_sub_ps(_mm512_load_ps(p), mx[bb]));
+              sleef_expf_u10_nonpositive_v(_mm512_sub_ps(_mm512_load_ps(p), mx[bb]));
           _mm512_store_ps(p, e);
           lanes[l] = j0 == 0 ? e : _mm512_add_ps(lanes[l], e);
         }
@@ -648,9 +633,11 @@ void attention_avx512(const AttentionArgs& a, int64_t begin, int64_t end) {
           for (int64_t j0 = 0; j0 < S; j0 += 8) {
             const __m512i keys = _mm512_load_si512(head_bits.p + j0);
             const int64_t byte = (j0 >> 6) * 8 + ((j0 & 63) >> 3);
-            for (int64_t c = 0; c < d; ++c)
-              v_t8[c * key_words * 8 + byte] = static_cast<uint8_t>(
-                  _mm512_test_epi64_mask(keys, _mm512_set1_epi64(static_cast<long long>(1ull << c))));
+            for (int64_t c = 0; c < d; ++c) {
+              const __m512i column = _mm512_set1_epi64(static_cast<long long>(1ull << c));
+              v_t8[c * key_words * 8 + byte] =
+                  static_cast<uint8_t>(_mm512_test_epi64_mask(keys, column));
+            }
           }
         } else {
           for (int64_t j = 0; j < S; ++j)
