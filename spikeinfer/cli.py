@@ -275,6 +275,19 @@ def _add_distill(sub):
         help="student checkpoint folder the first stage starts from instead of the teacher "
         "(e.g. another task's fp-inter stage: general-then-task distillation)",
     )
+    p.add_argument(
+        "--augment",
+        type=int,
+        default=0,
+        help="add N perturbed copies of every training example (tokens replaced by their "
+        "embedding neighbours; the teacher labels them): TinyBERT's remedy for small tasks",
+    )
+    p.add_argument(
+        "--augment-prob",
+        type=float,
+        default=0.4,
+        help="probability that --augment replaces a token",
+    )
     p.set_defaults(func=cmd_distill)
 
 
@@ -287,6 +300,11 @@ def cmd_distill(args) -> int:
         raise SystemExit(
             f"spikeinfer: error: --swap-after must be in [0, 1], got {args.swap_after}"
         )
+    if args.augment < 0 or not 0.0 <= args.augment_prob <= 1.0:
+        raise SystemExit(
+            "spikeinfer: error: --augment must be >= 0 and --augment-prob in [0, 1], got "
+            f"{args.augment} and {args.augment_prob}"
+        )
     distill(
         _train_args(args),
         args.teacher,
@@ -296,6 +314,8 @@ def cmd_distill(args) -> int:
         swap_after=args.swap_after,
         word_embeddings=args.word_embeddings,
         init=args.init,
+        augment=args.augment,
+        augment_prob=args.augment_prob,
     )
     return 0
 

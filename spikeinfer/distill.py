@@ -198,6 +198,8 @@ def finetune_teacher(args: TrainArgs, teacher: str | None = None) -> dict:
 # -- student ------------------------------------------------------------------------------------
 
 DEFAULT_LAYER_MAP = (0, 1, 3, 5)
+# Candidates per token of --augment (TinyBERT's K).
+AUGMENT_NEIGHBOURS = 15
 
 
 def student_config(
@@ -384,6 +386,8 @@ def distill(
     swap_after: float = 0.0,
     word_embeddings: str = "package",
     init=None,
+    augment: int = 0,
+    augment_prob: float = 0.4,
 ) -> dict:
     """Run the student stages in order; each writes `<out>/<stage>/` (a spikeinfer checkpoint)
     and is skipped on --resume once finished. `swap_after` is the fraction of every stage's steps
@@ -393,7 +397,9 @@ def distill(
     example another task's fp-inter stage) that a stage with no earlier stage finished in `out`
     starts from instead of the teacher; its shared hidden projection comes with it when the
     folder holds one. That is TinyBERT's general-then-task distillation: a small task (MRPC's
-    3.7k pairs) borrows intermediate KD done on a larger task's text."""
+    3.7k pairs) borrows intermediate KD done on a larger task's text. `augment` adds that many
+    perturbed copies of every training example (`spikeinfer.augment`, each token replaced with
+    probability `augment_prob`), TinyBERT's other remedy for small tasks."""
     from .checkpoint import load_checkpoint, save_checkpoint
     from .engine import evaluate, resolve_backend
     from .teacher import load_teacher as _load
@@ -419,6 +425,13 @@ def distill(
         spec.name, 85
     )
     log = JsonLog(out_root, info.main)
+    if augment:
+        from .augment import augment_for_distillation
+
+        table = teacher.bert.embeddings.word_embeddings.weight.detach().cpu()
+        train = augment_for_distillation(
+            train, tokenizer, table, augment, augment_prob, AUGMENT_NEIGHBOURS, args.seed
+        )
     log(
         event="distill_start",
         task=spec.name,
@@ -426,6 +439,8 @@ def distill(
         backend=sim_backend,
         timesteps=args.timesteps,
         layer_map=list(layer_map),
+        train_examples=len(train),
+        augment=augment,
     )
     results = {}
     for stage in stages:

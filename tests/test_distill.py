@@ -350,3 +350,24 @@ def test_torchrun_two_gloo_processes(tiny_teacher, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     assert any(r["event"] == "eval" for r in log)
     assert (tmp_path / "ddp" / "fp-pred" / "model.safetensors").exists()
+
+
+@needs_glue
+def test_distill_augment_trains_on_the_copies(tiny_teacher, tmp_path):
+    args = TrainArgs(
+        task="mrpc",
+        out=tmp_path / "run",
+        glue_dir=str(GLUE),
+        max_steps=1,
+        batch_size=4,
+        timesteps=2,
+        backend="torch",
+        train_limit=12,
+        eval_limit=4,
+        max_length=32,
+    )
+    kwargs = {"layer_map": [0], "t_conv": 8, "word_embeddings": "teacher"}
+    distill(args, tiny_teacher, stages=["fp-pred"], augment=2, **kwargs)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    start = next(r for r in log if r["event"] == "distill_start")
+    assert start["train_examples"] == 36 and start["augment"] == 2
