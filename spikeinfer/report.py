@@ -216,6 +216,9 @@ def prune_commands(run: Run) -> list[str]:
         args = m.get("args")
         if not args:
             continue
+        if "activity_eta" in args and "adaptive_activity_eta" not in args:
+            # recorded before the adaptive stage had its own weight: it used the temporal one
+            args = {**args, "adaptive_activity_eta": args["activity_eta"]}
         words = ["spikeinfer prune"]
         for dest, value in args.items():
             action = flags.get(dest)

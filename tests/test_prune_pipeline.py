@@ -194,3 +194,22 @@ def test_bundle_pruned_stage_serves_in_its_mode(run, tmp_path):
     pair = [again["accuracy"], seed1["accuracy"]]
     assert spread["accuracy_mean"] == pytest.approx(sum(pair) / 2)
     assert spread["accuracy_std"] == pytest.approx(abs(pair[0] - pair[1]) / 2**0.5)
+
+
+def test_prune_commands_rebuild_recorded_flags():
+    """`report` rebuilds each run's command from the arguments its stages recorded, leaving out
+    flags at their defaults; a run recorded before the adaptive stage had its own activity
+    weight used the temporal one there, and its command says so."""
+    from spikeinfer.prune.schedule import PruneArgs
+    from spikeinfer.report import Run, prune_commands
+
+    recorded = dataclasses.asdict(PruneArgs(task="sst2", model="m", out="o"))
+    old = {**recorded, "vth_lr": 1e-3, "activity_eta": 1e-3}
+    del old["adaptive_activity_eta"]
+    new = {**recorded, "schedule": "adaptive", "activity_eta": 0.0}
+    run = Run("r", Path("o"), "sst2", {"adaptive": {"args": old}, "later": {"args": new}})
+    assert prune_commands(run) == [
+        "spikeinfer prune --task sst2 --model m --out o --schedule two-stage --vth-lr 0.001 "
+        "--adaptive-activity-eta 0.001",
+        "spikeinfer prune --task sst2 --model m --out o --schedule adaptive --activity-eta 0.0",
+    ]

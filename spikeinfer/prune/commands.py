@@ -82,14 +82,24 @@ def add_prune_parser(subparsers):
         help="steps between PCA reallocations in temporal retraining (default: a quarter of "
         "the stage's steps; 0: never)",
     )
-    tp.add_argument("--activity-eta", type=float, default=1e-3, help="activity loss weight")
+    tp.add_argument(
+        "--activity-eta", type=float, default=1e-3, help="temporal retraining: activity loss weight"
+    )
     tp.add_argument(
         "--target-latency",
         type=float,
         default=0.16,
         help="adaptive stage: mean timesteps at most this fraction of T_conv",
     )
-    tp.add_argument("--vth-lr", type=float, default=1e-3, help="learning rate of thresholds")
+    tp.add_argument(
+        "--vth-lr", type=float, default=1e-2, help="adaptive stage: learning rate of thresholds"
+    )
+    tp.add_argument(
+        "--adaptive-activity-eta",
+        type=float,
+        default=0.0,
+        help="adaptive stage: activity loss weight (the temporal retraining uses --activity-eta)",
+    )
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--eval-limit", type=int, default=None, help="evaluate N dev examples")
     ev.add_argument(
