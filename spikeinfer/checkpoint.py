@@ -205,8 +205,11 @@ def save_checkpoint(
     provenance: dict | None = None,
     metrics: dict | None = None,
     extra: dict | None = None,
+    attachments: dict[str, dict] | None = None,
 ) -> Path:
-    """Write `model` to the folder `path` atomically; returns the path."""
+    """Write `model` to the folder `path` atomically; returns the path. `attachments` maps file
+    names to state dicts written beside the model in the same atomic swap (a training stage's
+    companions, such as distillation's hidden-state projection)."""
     cfg = model.config
     head_mask, neuron_mask = model.head_mask, model.neuron_mask
     meta = {
@@ -239,6 +242,8 @@ def save_checkpoint(
 
     def write(folder: Path):
         save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": FORMAT})
+        for name, state in (attachments or {}).items():
+            torch.save(state, folder / name)
         _write_json(folder / CONFIG_NAME, meta)
 
     return atomic_write_folder(path, write)

@@ -35,7 +35,6 @@ from .teacher import load_teacher, teacher_path
 from .train import (
     DistInfo,
     JsonLog,
-    atomic_torch_save,
     init_distributed,
     linear_warmup_schedule,
     run_loop,
@@ -469,8 +468,11 @@ def distill(
         stage_backend = sim_backend if binary else "torch"
         student.to(device).to_backend(stage_backend)
         module = DistillModule(student, teacher.config.hidden_size).to(device)
+        # Every stage loads the latest projection, prediction stages too (frozen there), so each
+        # stage saves the trained one: an intermediate stage after a prediction stage (fp-pred ->
+        # 1bit-inter) starts from fp-inter's projection, not from an untrained one.
         projections = [s / PROJECTION_NAME for s in sources]
-        if intermediate and projections and projections[-1].exists():
+        if projections and projections[-1].exists():
             module.proj.load_state_dict(torch.load(projections[-1], map_location=device))
         log(
             event="stage_start",
@@ -560,7 +562,6 @@ def distill(
         if metrics is None:  # resumed after the last step: nothing was evaluated
             metrics = eval_fn(steps)
         if info.main:
-            atomic_torch_save(module.proj.state_dict(), stage_dir / PROJECTION_NAME)
             save_checkpoint(
                 student,
                 stage_dir,
@@ -577,6 +578,7 @@ def distill(
                     "batch_size": args.batch_size,
                     "seed": args.seed,
                 },
+                attachments={PROJECTION_NAME: module.proj.state_dict()},
             )
         results[stage] = metrics
     return results

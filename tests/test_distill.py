@@ -371,3 +371,32 @@ def test_distill_augment_trains_on_the_copies(tiny_teacher, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     start = next(r for r in log if r["event"] == "distill_start")
     assert start["train_examples"] == 36 and start["augment"] == 2
+
+
+@needs_glue
+def test_projection_carried_through_prediction_stages(tiny_teacher, tmp_path):
+    """fp-inter trains the shared hidden projection; fp-pred keeps it frozen and passes it on, so
+    1bit-inter starts from the trained projection, not a fresh one."""
+    args = TrainArgs(
+        task="sst2",
+        out=tmp_path / "run",
+        glue_dir=str(GLUE),
+        max_steps=2,
+        batch_size=4,
+        timesteps=2,
+        lr=1e-2,
+        backend="torch",
+        train_limit=16,
+        eval_limit=4,
+    )
+    kwargs = {"layer_map": [0], "t_conv": 8, "word_embeddings": "teacher"}
+    distill(args, tiny_teacher, stages=["fp-inter", "fp-pred"], **kwargs)
+    trained, passed_on = (
+        torch.load(tmp_path / "run" / stage / "hidden_projection.pt")
+        for stage in ("fp-inter", "fp-pred")
+    )
+    torch.manual_seed(args.seed)  # the seed every stage's fresh projection is drawn with
+    fresh = torch.nn.Linear(32, 32).state_dict()
+    for name, value in trained.items():
+        assert torch.equal(passed_on[name], value), name
+        assert not torch.equal(fresh[name], value), name
