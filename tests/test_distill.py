@@ -28,6 +28,23 @@ needs_glue = pytest.mark.skipif(
 )
 
 
+def tiny_run(out, **overrides) -> TrainArgs:
+    """Training arguments of a few-step run on a slice of GLUE, for the tiny teacher."""
+    base = dict(
+        task="sst2",
+        out=out,
+        glue_dir=str(GLUE),
+        max_steps=2,
+        batch_size=4,
+        timesteps=2,
+        backend="torch",
+        train_limit=16,
+        eval_limit=8,
+        save_every=1,
+    )
+    return TrainArgs(**{**base, **overrides})
+
+
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
     """A 2-layer random BERT with the real WordPiece tokenizer, saved like a fine-tuned teacher."""
@@ -208,18 +225,7 @@ def test_resume_replays_the_same_step_sequence(tmp_path):
 
 @needs_glue
 def test_distill_stages_and_resume(tiny_teacher, tmp_path):
-    args = TrainArgs(
-        task="sst2",
-        out=tmp_path / "run",
-        glue_dir=str(GLUE),
-        max_steps=2,
-        batch_size=4,
-        timesteps=2,
-        backend="torch",
-        train_limit=64,
-        eval_limit=16,
-        save_every=1,
-    )
+    args = tiny_run(tmp_path / "run", train_limit=64, eval_limit=16)
     stages = ["fp-pred", "1bit-pred"]
     kwargs = {"stages": stages, "layer_map": [0, 1], "t_conv": 8, "word_embeddings": "teacher"}
     results = distill(args, tiny_teacher, **kwargs)
@@ -265,19 +271,7 @@ def test_distill_init_from_another_run(tiny_teacher, tmp_path):
     from spikeinfer.checkpoint import load_checkpoint
 
     def args_for(out, lr):
-        return TrainArgs(
-            task="sst2",
-            out=out,
-            glue_dir=str(GLUE),
-            max_steps=2,
-            batch_size=4,
-            timesteps=2,
-            lr=lr,
-            backend="torch",
-            train_limit=16,
-            eval_limit=8,
-            save_every=1,
-        )
+        return tiny_run(out, lr=lr)
 
     kwargs = {"layer_map": [0, 1], "t_conv": 8, "word_embeddings": "teacher"}
     distill(args_for(tmp_path / "general", 1e-3), tiny_teacher, stages=["fp-inter"], **kwargs)
@@ -354,18 +348,7 @@ def test_torchrun_two_gloo_processes(tiny_teacher, tmp_path):
 
 @needs_glue
 def test_distill_augment_trains_on_the_copies(tiny_teacher, tmp_path):
-    args = TrainArgs(
-        task="mrpc",
-        out=tmp_path / "run",
-        glue_dir=str(GLUE),
-        max_steps=1,
-        batch_size=4,
-        timesteps=2,
-        backend="torch",
-        train_limit=12,
-        eval_limit=4,
-        max_length=32,
-    )
+    args = tiny_run(tmp_path / "run", task="mrpc", max_steps=1, train_limit=12, max_length=32)
     kwargs = {"layer_map": [0], "t_conv": 8, "word_embeddings": "teacher"}
     distill(args, tiny_teacher, stages=["fp-pred"], augment=2, **kwargs)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -377,18 +360,7 @@ def test_distill_augment_trains_on_the_copies(tiny_teacher, tmp_path):
 def test_projection_carried_through_prediction_stages(tiny_teacher, tmp_path):
     """fp-inter trains the shared hidden projection; fp-pred keeps it frozen and passes it on, so
     1bit-inter starts from the trained projection, not a fresh one."""
-    args = TrainArgs(
-        task="sst2",
-        out=tmp_path / "run",
-        glue_dir=str(GLUE),
-        max_steps=2,
-        batch_size=4,
-        timesteps=2,
-        lr=1e-2,
-        backend="torch",
-        train_limit=16,
-        eval_limit=4,
-    )
+    args = tiny_run(tmp_path / "run", lr=1e-2, eval_limit=4)
     kwargs = {"layer_map": [0], "t_conv": 8, "word_embeddings": "teacher"}
     distill(args, tiny_teacher, stages=["fp-inter", "fp-pred"], **kwargs)
     trained, passed_on = (
