@@ -232,7 +232,7 @@ def cmd_finetune_teacher(args) -> int:
 
 
 def _add_distill(sub):
-    from .distill import DEFAULT_LAYER_MAP, STUDENT_STAGES
+    from .distill import ATTENTION_KD, DEFAULT_LAYER_MAP, STUDENT_STAGES
 
     p = sub.add_parser("distill", help="distil a fine-tuned teacher into a spiking student")
     _add_training_flags(p, lr=5e-5)
@@ -288,6 +288,22 @@ def _add_distill(sub):
         default=0.4,
         help="probability that --augment replaces a token",
     )
+    p.add_argument(
+        "--firing-range",
+        type=float,
+        default=0.0,
+        metavar="TAIL",
+        help="rewrite the teacher-initialised student (exactly, up to the clamps) so every "
+        "sublayer's [TAIL, 1 - TAIL] value quantiles fill the firing range [0, 1] instead of "
+        "losing the negative half (e.g. 0.02; 0: off)",
+    )
+    p.add_argument(
+        "--attention-kd",
+        choices=ATTENTION_KD,
+        default="scores",
+        help="attention-score KD on raw pre-softmax scores or on rows centred over the real "
+        "keys (softmax ignores a constant per row; use centred with --firing-range)",
+    )
     p.set_defaults(func=cmd_distill)
 
 
@@ -305,6 +321,10 @@ def cmd_distill(args) -> int:
             "spikeinfer: error: --augment must be >= 0 and --augment-prob in [0, 1], got "
             f"{args.augment} and {args.augment_prob}"
         )
+    if not 0.0 <= args.firing_range < 0.5:
+        raise SystemExit(
+            f"spikeinfer: error: --firing-range must be in [0, 0.5), got {args.firing_range}"
+        )
     distill(
         _train_args(args),
         args.teacher,
@@ -316,6 +336,8 @@ def cmd_distill(args) -> int:
         init=args.init,
         augment=args.augment,
         augment_prob=args.augment_prob,
+        firing_range=args.firing_range,
+        attention_kd=args.attention_kd,
     )
     return 0
 

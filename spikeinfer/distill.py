@@ -41,6 +41,8 @@ from .train import (
 )
 
 STUDENT_STAGES = ("fp-inter", "fp-pred", "1bit-inter", "1bit-pred")
+# Attention-score KD: raw pre-softmax scores, or each row centred over its real keys.
+ATTENTION_KD = ("scores", "centred")
 # The shared hidden-state projection of intermediate KD, carried from stage to stage.
 PROJECTION_NAME = "hidden_projection.pt"
 
@@ -68,6 +70,14 @@ class TrainArgs:
 
 def _device_batch(encoded, indices, device):
     return {k: v.to(device) for k, v in collate(encoded, indices).items()}
+
+
+def calibration_batches(encoded, args: TrainArgs, device):
+    """Seeded, length-bucketed training batches for calibration (consumed until enough tokens)."""
+    from .data import bucket_batches
+
+    for idx in bucket_batches(encoded.lengths, args.batch_size, shuffle=True, seed=args.seed):
+        yield _device_batch(encoded, idx, device)
 
 
 def total_steps(args: TrainArgs, n_examples: int, info: DistInfo) -> int:
@@ -328,12 +338,24 @@ class DistillModule(nn.Module):
         return out.logits, out.attention_scores, hidden
 
 
-def attention_kd_loss(student_scores, teacher_scores, attention_mask):
-    """MSE of pre-softmax scores with every entry involving a padded token zeroed."""
+def attention_kd_loss(student_scores, teacher_scores, attention_mask, centred: bool = False):
+    """MSE of pre-softmax scores with every entry involving a padded token zeroed.
+
+    `centred` subtracts from each query's row its mean over the real keys, in both: softmax
+    ignores a constant per row, and a firing-range student's scores carry one (`firing_range`).
+    """
     m = attention_mask.bool()
     valid = m[:, None, :, None] & m[:, None, None, :]  # [B, 1, N, N]
+
+    def prepare(scores):
+        scores = scores.masked_fill(~valid, 0.0)
+        if centred:
+            keys = valid.sum(-1, keepdim=True).clamp_min(1)  # [B, 1, N, 1]
+            scores = (scores - scores.sum(-1, keepdim=True) / keys).masked_fill(~valid, 0.0)
+        return scores
+
     losses = [
-        F.mse_loss(s.masked_fill(~valid, 0.0), t.masked_fill(~valid, 0.0))
+        F.mse_loss(prepare(s), prepare(t))
         for s, t in zip(student_scores, teacher_scores, strict=True)
     ]
     return sum(losses) / len(losses)
@@ -387,6 +409,8 @@ def distill(
     init=None,
     augment: int = 0,
     augment_prob: float = 0.4,
+    firing_range: float = 0.0,
+    attention_kd: str = "scores",
 ) -> dict:
     """Run the student stages in order; each writes `<out>/<stage>/` (a spikeinfer checkpoint)
     and is skipped on --resume once finished. `swap_after` is the fraction of every stage's steps
@@ -398,11 +422,18 @@ def distill(
     folder holds one. That is TinyBERT's general-then-task distillation: a small task (MRPC's
     3.7k pairs) borrows intermediate KD done on a larger task's text. `augment` adds that many
     perturbed copies of every training example (`spikeinfer.augment`, each token replaced with
-    probability `augment_prob`), TinyBERT's other remedy for small tasks."""
+    probability `augment_prob`), TinyBERT's other remedy for small tasks. `firing_range` > 0
+    rewrites a student that starts from the teacher so its calibration values' [tail, 1 - tail]
+    quantiles fill the firing range (`spikeinfer.firing_range`; the tail is this number);
+    `attention_kd="centred"` compares row-centred scores (what such a student needs)."""
     from .checkpoint import load_checkpoint, save_checkpoint
     from .engine import evaluate, resolve_backend
     from .teacher import load_teacher as _load
 
+    if attention_kd not in ATTENTION_KD:
+        raise ValueError(f"attention_kd must be one of {ATTENTION_KD}, got {attention_kd!r}")
+    if not 0.0 <= firing_range < 0.5:
+        raise ValueError(f"firing_range (a tail quantile) must be in [0, 0.5), got {firing_range}")
     if init is not None and not (Path(init) / "config.json").exists():
         raise FileNotFoundError(
             f"--init {init}: no spikeinfer checkpoint there (config.json missing); pass a stage "
@@ -440,6 +471,8 @@ def distill(
         layer_map=list(layer_map),
         train_examples=len(train),
         augment=augment,
+        firing_range=firing_range,
+        attention_kd=attention_kd,
     )
     results = {}
     for stage in stages:
@@ -463,6 +496,13 @@ def distill(
                     f"{sources[-1]} does not fit this student: missing {missing}, "
                     f"unexpected {unexpected}"
                 )
+        elif firing_range > 0:
+            from .firing_range import fit_firing_range
+
+            inside = fit_firing_range(
+                student, calibration_batches(train, args, device), firing_range, args.seed
+            )
+            log(event="firing_range", stage=stage, tail=firing_range, inside=inside)
         # The kernel backends implement 1-bit projections only: full-precision stages simulate
         # with the multi-step reference.
         stage_backend = sim_backend if binary else "torch"
@@ -513,7 +553,9 @@ def distill(
                     ).rates
             logits, scores, hidden = ddp(b, snn_rates, intermediate)
             if intermediate:
-                att = attention_kd_loss(scores, t_scores, b["attention_mask"])
+                att = attention_kd_loss(
+                    scores, t_scores, b["attention_mask"], attention_kd == "centred"
+                )
                 hid = hidden_kd_loss(hidden, [t_hidden[i] for i in t_index], b["attention_mask"])
                 loss = att + hid
                 parts = {"att": att.item(), "hid": hid.item()}
@@ -577,6 +619,8 @@ def distill(
                     "lr": args.lr,
                     "batch_size": args.batch_size,
                     "seed": args.seed,
+                    "firing_range": firing_range,
+                    "attention_kd": attention_kd,
                 },
                 attachments={PROJECTION_NAME: module.proj.state_dict()},
             )
