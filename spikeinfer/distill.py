@@ -11,8 +11,9 @@ Stages (each its own checkpoint folder under --out, each resumable):
 Gradients come from the rate surrogate; with the ASR swap on, a no-grad spiking simulation gives
 the values every loss sees (`SpikingBert.surrogate(snn_rates=...)`). Losses, TinyBERT-style:
 attention-score MSE between student block k and teacher layer map[k] (pre-softmax, padded entries
-zeroed), hidden-state MSE through one shared learned projection over the embedding and block
-outputs, then soft cross-entropy on logits at temperature 1 (MSE to gold for regression).
+zeroed, optionally row-centred), hidden-state MSE through one shared learned projection over the
+embedding and block outputs, then soft cross-entropy on logits at temperature 1 (MSE to gold for
+regression).
 """
 
 from __future__ import annotations
@@ -496,7 +497,8 @@ def distill(
                     f"{sources[-1]} does not fit this student: missing {missing}, "
                     f"unexpected {unexpected}"
                 )
-        elif firing_range > 0:
+        fitted = not sources and firing_range > 0  # later stages inherit the rewritten student
+        if fitted:
             from .firing_range import fit_firing_range
 
             inside = fit_firing_range(
@@ -519,6 +521,7 @@ def distill(
             stage=stage,
             init=finished[-1] if finished else str(init) if init is not None else "teacher",
             backend=stage_backend,
+            firing_range_fitted=fitted,
         )
         # The projection only serves intermediate KD; DDP needs every trainable tensor used.
         module.proj.requires_grad_(intermediate)

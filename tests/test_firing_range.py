@@ -116,6 +116,8 @@ def test_distill_with_firing_range_logs_and_records_it(tiny_teacher, tmp_path): 
     fitted = [r for r in log if r["event"] == "firing_range"]
     # only the stage that starts from the teacher is rewritten; fp-pred continues from fp-inter
     assert [r["stage"] for r in fitted] == ["fp-inter"] and fitted[0]["tail"] == 0.02
+    starts = {r["stage"]: r["firing_range_fitted"] for r in log if r["event"] == "stage_start"}
+    assert starts == {"fp-inter": True, "fp-pred": False}
     assert set(fitted[0]["inside"]) >= {"emb", "0.K", "1.O2"}
     meta = json.loads((tmp_path / "run" / "fp-pred" / "config.json").read_text())
     assert meta["provenance"]["firing_range"] == 0.02
