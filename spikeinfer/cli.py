@@ -295,7 +295,8 @@ def _add_distill(sub):
         metavar="TAIL",
         help="rewrite the teacher-initialised student (exactly, up to the clamps) so every "
         "sublayer's [TAIL, 1 - TAIL] value quantiles fill the firing range [0, 1] instead of "
-        "losing the negative half (e.g. 0.02; 0: off)",
+        "losing the negative half (0: off; a narrow tail such as 0.02 favours the rate "
+        "surrogate, a wide one such as 0.25 the spiking simulation: docs/recipes.md)",
     )
     p.add_argument(
         "--attention-kd",

@@ -26,6 +26,13 @@ For a 1-bit student the rewrite is exact for its latent weights; binarising a ma
 columns were scaled unevenly picks signs and scales of its own, so the 1-bit forward only
 approximates it (the usual order, fp stages first, rewrites the full-precision student).
 
+The tail trades the rate surrogate against the spiking simulation. Fitting the range compresses
+each signal by s, while every step's spikes keep Bernoulli noise of about 0.5 and softmax,
+LayerNorm and GELU act on each step's values: a narrow tail (0.02, s about 1/4) keeps the most in
+the surrogate and nothing in a T = 32 simulation, a wide one (0.25) less in the surrogate and more
+than a plain copy in the simulation (measurements: docs/recipes.md, "Firing-range
+initialisation").
+
 The calibration values are the student's rates without the clamp (`unclamped_rates`): with every
 threshold at 1, the teacher's values.
 """
