@@ -182,11 +182,12 @@ def fit_firing_range(student: SpikingBert, batches, tail: float = 0.02, seed: in
         block.ffn1.bias.copy_(b_1 - w_1 @ (c_1 / s_1))
         # F's rate is GELU(.) / Vth_F: the threshold takes the 1 - tail quantile.
         theta_f = _sample(values[f"{l}.F"], MAX_SAMPLES, gen).quantile(1 - tail).clamp_min(1e-3)
-        student.v_th[base + SUBLAYERS.index("F")] = theta_f.to(device)
-        maps[f"{l}.F"] = (1.0 / theta_f.to(device), torch.zeros((), device=device))
+        theta_f = theta_f.to(device)
+        student.v_th[base + SUBLAYERS.index("F")] = theta_f
+        maps[f"{l}.F"] = (1.0 / theta_f, torch.zeros((), device=device))
         # O2 = LN(W_2 F + b_2 + O1) with F = Vth_F a_F and O1 = (a_O1 - c_1) / s_1, times s_1.
         w_2, b_2 = block.ffn2.weight.clone(), block.ffn2.bias.clone()
-        block.ffn2.weight.copy_(s_1 * w_2 * theta_f.to(device))
+        block.ffn2.weight.copy_(s_1 * w_2 * theta_f)
         block.ffn2.bias.copy_(s_1 * b_2 - c_1)
         s_2, c_2 = affine(f"{l}.O2", shared=True)
         scale_layer_norm(block.ln_o2, s_2, c_2)
