@@ -40,34 +40,66 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
 # Dense int8 tensor-core peak, TOPS (no sparsity): H100 SXM and H200 1979, H100 PCIe 1513.
-PEAK_INT8_TOPS = {"H200": 1979.0, "H100 80GB HBM3": 1979.0, "H100 PCIe": 1513.0, "H100": 1979.0,
-                  "A100": 624.0, "L40S": 733.0, "L4": 242.0}
+PEAK_INT8_TOPS = {
+    "H200": 1979.0,
+    "H100 80GB HBM3": 1979.0,
+    "H100 PCIe": 1513.0,
+    "H100": 1979.0,
+    "A100": 624.0,
+    "L40S": 733.0,
+    "L4": 242.0,
+}
 PROJECTIONS = ("K", "Q", "O1", "F", "O2")  # V has K's shape and epilogue
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Triton backend vs torch references: per-kernel and whole-model timings "
-                    "(needs a CUDA GPU).")
-    p.add_argument("--presets", nargs="+", default=["minilm-4l", "spikingbert-base"],
-                   help="model presets to benchmark (default: minilm-4l spikingbert-base)")
+        "(needs a CUDA GPU)."
+    )
+    p.add_argument(
+        "--presets",
+        nargs="+",
+        default=["minilm-4l", "spikingbert-base"],
+        help="model presets to benchmark (default: minilm-4l spikingbert-base)",
+    )
     p.add_argument("--batch", nargs="+", type=int, default=[32], help="batch sizes (default 32)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sentence (default 128)")
     p.add_argument("--timesteps", type=int, default=85, help="unrolled T (default 85)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs before timing (default 2)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs; median kept (default 5)")
-    p.add_argument("--keep-fraction", type=float, default=0.5,
-                   help="heads and FFN neurons kept in the pruned model (default 0.5)")
-    p.add_argument("--only", choices=["kernels", "model"], default=None,
-                   help="run only the kernel or only the whole-model benchmarks")
-    p.add_argument("--skip-torch-step", action="store_true",
-                   help="skip the (slow) per-step fp32 reference")
-    p.add_argument("--peak-tops", type=float, default=None,
-                   help="dense int8 peak of this GPU in TOPS (default: looked up by name)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="results file (default bench/results/triton_<date>.json)")
-    p.add_argument("--smoke", action="store_true",
-                   help="check the script on CPU: tiny preset, Triton interpreter, no results file")
+    p.add_argument(
+        "--keep-fraction",
+        type=float,
+        default=0.5,
+        help="heads and FFN neurons kept in the pruned model (default 0.5)",
+    )
+    p.add_argument(
+        "--only",
+        choices=["kernels", "model"],
+        default=None,
+        help="run only the kernel or only the whole-model benchmarks",
+    )
+    p.add_argument(
+        "--skip-torch-step", action="store_true", help="skip the (slow) per-step fp32 reference"
+    )
+    p.add_argument(
+        "--peak-tops",
+        type=float,
+        default=None,
+        help="dense int8 peak of this GPU in TOPS (default: looked up by name)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results file (default bench/results/triton_<date>.json)",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check the script on CPU: tiny preset, Triton interpreter, no results file",
+    )
     return p.parse_args(argv)
 
 
@@ -79,8 +111,13 @@ def import_kernels():
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
-                             capture_output=True, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            text=True,
+            capture_output=True,
+            check=True,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -109,8 +146,10 @@ class Timer:
         for _ in range(self.repeats):
             if self.cuda:
                 torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
-                    enable_timing=True)
+                start, end = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
                 start.record()
                 fn()
                 end.record()
@@ -140,8 +179,13 @@ def attempt(timer, fn):
 def projection_shapes(cfg) -> dict[str, tuple[int, int, str]]:
     """sublayer -> (K in, N out, epilogue)."""
     D, I = cfg.hidden_size, cfg.intermediate_size
-    return {"K": (D, D, "plain"), "Q": (D, D, "none"), "O1": (D, D, "ln"), "F": (D, I, "gelu"),
-            "O2": (I, D, "ln")}
+    return {
+        "K": (D, D, "plain"),
+        "Q": (D, D, "none"),
+        "O1": (D, D, "ln"),
+        "F": (D, I, "gelu"),
+        "O2": (I, D, "ln"),
+    }
 
 
 def bench_projection(ctx, cfg, name: str, B: int) -> list[dict]:
@@ -160,9 +204,11 @@ def bench_projection(ctx, cfg, name: str, B: int) -> list[dict]:
     bias = (torch.randn(N, generator=g) * 0.3 + 0.3).to(dev)
     extra = {}
     if epilogue == "ln":
-        extra = {"residual": (torch.rand(T, M, N, generator=g) < 0.3).to(torch.int8).to(dev),
-                 "ln_weight": torch.ones(N, device=dev), "ln_bias": torch.full((N,), 0.3,
-                                                                                device=dev)}
+        extra = {
+            "residual": (torch.rand(T, M, N, generator=g) < 0.3).to(torch.int8).to(dev),
+            "ln_weight": torch.ones(N, device=dev),
+            "ln_bias": torch.full((N,), 0.3, device=dev),
+        }
     v_th = 1.0
 
     def epi(cur, t=None, dtype=torch.float32):
@@ -170,8 +216,13 @@ def bench_projection(ctx, cfg, name: str, B: int) -> list[dict]:
             return F.gelu(cur)
         if epilogue == "ln":
             r = extra["residual"] if t is None else extra["residual"][t]
-            return F.layer_norm(cur + r.to(dtype), (N,), extra["ln_weight"].to(dtype),
-                                extra["ln_bias"].to(dtype), 1e-12)
+            return F.layer_norm(
+                cur + r.to(dtype),
+                (N,),
+                extra["ln_weight"].to(dtype),
+                extra["ln_bias"].to(dtype),
+                1e-12,
+            )
         return cur
 
     def triton_fused():
@@ -191,8 +242,9 @@ def bench_projection(ctx, cfg, name: str, B: int) -> list[dict]:
     alpha_bf, bias_bf = alpha.to(torch.bfloat16), bias.to(torch.bfloat16)
 
     def torch_bf16():
-        cur = epi(ref_linear(x.to(torch.bfloat16), signs_bf, alpha_bf, bias_bf),
-                  dtype=torch.bfloat16)
+        cur = epi(
+            ref_linear(x.to(torch.bfloat16), signs_bf, alpha_bf, bias_bf), dtype=torch.bfloat16
+        )
         if epilogue != "none":
             if_multistep(cur, v_th)
 
@@ -212,10 +264,24 @@ def bench_projection(ctx, cfg, name: str, B: int) -> list[dict]:
     for backend, fn in variants.items():
         ms, error = attempt(ctx["timer"], fn)
         times[backend] = ms
-        rows.append(ctx["row"]("kernel/spike_linear", backend, preset=ctx["preset"],
-                               sublayer=name, epilogue=epilogue, batch=B, seq_len=N_seq,
-                               timesteps=T, M=M, N=N, K=K, ms=ms, error=error,
-                               **ctx["throughput"](ops, ms)))
+        rows.append(
+            ctx["row"](
+                "kernel/spike_linear",
+                backend,
+                preset=ctx["preset"],
+                sublayer=name,
+                epilogue=epilogue,
+                batch=B,
+                seq_len=N_seq,
+                timesteps=T,
+                M=M,
+                N=N,
+                K=K,
+                ms=ms,
+                error=error,
+                **ctx["throughput"](ops, ms),
+            )
+        )
     add_ratios(rows, times)
     return rows
 
@@ -243,15 +309,20 @@ def bench_attention(ctx, cfg, B: int) -> list[dict]:
     def torch_step():
         v = None
         for t in range(T):
-            cur = ref_attention(heads(q[t:t + 1]), heads(s_k[t:t + 1]), heads(s_v[t:t + 1]),
-                                mask[:, None, None, :])
+            cur = ref_attention(
+                heads(q[t : t + 1]),
+                heads(s_k[t : t + 1]),
+                heads(s_v[t : t + 1]),
+                mask[:, None, None, :],
+            )
             v = torch.zeros_like(cur) if v is None else v
             _, v = if_step(cur, v, 1.0)
 
     def torch_bf16():
         bf = torch.bfloat16
-        cur = ref_attention(heads(q, bf), heads(s_k, bf), heads(s_v, bf),
-                            mask[:, None, None, :].to(bf))
+        cur = ref_attention(
+            heads(q, bf), heads(s_k, bf), heads(s_v, bf), mask[:, None, None, :].to(bf)
+        )
         if_multistep(cur, 1.0)
 
     variants = {"triton": triton_fused, "torch-bf16": torch_bf16}
@@ -262,9 +333,21 @@ def bench_attention(ctx, cfg, B: int) -> list[dict]:
     for backend, fn in variants.items():
         ms, error = attempt(ctx["timer"], fn)
         times[backend] = ms
-        rows.append(ctx["row"]("kernel/attention", backend, preset=ctx["preset"], batch=B,
-                               seq_len=N, timesteps=T, heads=h, head_dim=d, ms=ms, error=error,
-                               tflops=None if ms is None else flops / ms / 1e9))
+        rows.append(
+            ctx["row"](
+                "kernel/attention",
+                backend,
+                preset=ctx["preset"],
+                batch=B,
+                seq_len=N,
+                timesteps=T,
+                heads=h,
+                head_dim=d,
+                ms=ms,
+                error=error,
+                tflops=None if ms is None else flops / ms / 1e9,
+            )
+        )
     add_ratios(rows, times)
     return rows
 
@@ -338,28 +421,42 @@ def bench_model(ctx, preset: str, B: int) -> list[dict]:
             def call():
                 with torch.inference_mode():
                     outputs[name] = m(ids, mask, types, mode="unrolled", timesteps=T)
+
             return call
 
-        variants = {"triton": run_triton,
-                    "torch": run_reference(copy.deepcopy(model).to_backend("torch"), "torch")}
+        variants = {
+            "triton": run_triton,
+            "torch": run_reference(copy.deepcopy(model).to_backend("torch"), "torch"),
+        }
         bf16 = copy.deepcopy(model).to(torch.bfloat16).to_backend("torch")
         variants["torch-bf16"] = run_reference(bf16, "torch-bf16")
         if not ctx["skip_step"]:
             variants["torch-step-fp32"] = run_reference(
-                copy.deepcopy(model).to_backend("torch-step"), "torch-step-fp32")
+                copy.deepcopy(model).to_backend("torch-step"), "torch-step-fp32"
+            )
         times = {}
         for backend, fn in variants.items():
             timer = ctx["timer"] if backend == "triton" else ctx["slow_timer"]
             times[backend], error = attempt(timer, fn)
-            rows.append(ctx["row"]("model/unrolled", backend, preset=preset, variant=variant,
-                                   batch=B, seq_len=N, timesteps=T, ms=times[backend],
-                                   error=error, acs=acs,
-                                   sentences_per_s=None if times[backend] is None
-                                   else B / times[backend] * 1e3))
+            rows.append(
+                ctx["row"](
+                    "model/unrolled",
+                    backend,
+                    preset=preset,
+                    variant=variant,
+                    batch=B,
+                    seq_len=N,
+                    timesteps=T,
+                    ms=times[backend],
+                    error=error,
+                    acs=acs,
+                    sentences_per_s=None if times[backend] is None else B / times[backend] * 1e3,
+                )
+            )
         ours = triton_ms[variant] = times["triton"]
         acs_of[variant] = acs
         agreement = agreement_stats(torch, outputs)
-        for row in rows[-len(variants):]:
+        for row in rows[-len(variants) :]:
             row["speedup_vs_torch_step_fp32"] = ratio(times.get("torch-step-fp32"), ours)
             row["speedup_vs_torch_bf16"] = ratio(times.get("torch-bf16"), ours)
             row["speedup_vs_torch_fp32"] = ratio(times.get("torch"), ours)
@@ -385,11 +482,16 @@ def agreement_stats(torch, outputs: dict) -> dict:
     ref = outputs.get("torch-step-fp32") or outputs.get("torch")
     if ours is None or ref is None:
         return {}
-    differing = [float((ours.rates[n] != ref.rates[n]).float().mean())
-                 for n in ref.rates if ref.rates[n].numel()]
+    differing = [
+        float((ours.rates[n] != ref.rates[n]).float().mean())
+        for n in ref.rates
+        if ref.rates[n].numel()
+    ]
     same = (ours.logits.argmax(-1) == ref.logits.argmax(-1)).float().mean()
-    return {"max_rate_mismatch_fraction": max(differing, default=0.0),
-            "prediction_agreement": float(same)}
+    return {
+        "max_rate_mismatch_fraction": max(differing, default=0.0),
+        "prediction_agreement": float(same),
+    }
 
 
 # -- driver ---------------------------------------------------------------------------------------
@@ -412,12 +514,19 @@ def print_rows(rows: list[dict]):
             extra.append(f"{r['speedup_vs_torch_step_fp32']:.1f}x vs torch-step fp32")
         if r["backend"] == "triton" and r.get("speedup_vs_torch_bf16"):
             extra.append(f"{r['speedup_vs_torch_bf16']:.1f}x vs torch bf16")
-        if r["backend"] == "triton" and r.get("variant") == "pruned" \
-                and r.get("dense_over_pruned_time"):
-            extra.append(f"dense/pruned time {r['dense_over_pruned_time']:.2f} "
-                         f"(ACs {r['dense_over_pruned_acs']:.2f})")
-        print(f"{r['benchmark']:22s} {what:28s} {r['backend']:16s} {r['ms']:10.2f} ms  "
-              + ", ".join(extra))
+        if (
+            r["backend"] == "triton"
+            and r.get("variant") == "pruned"
+            and r.get("dense_over_pruned_time")
+        ):
+            extra.append(
+                f"dense/pruned time {r['dense_over_pruned_time']:.2f} "
+                f"(ACs {r['dense_over_pruned_acs']:.2f})"
+            )
+        print(
+            f"{r['benchmark']:22s} {what:28s} {r['backend']:16s} {r['ms']:10.2f} ms  "
+            + ", ".join(extra)
+        )
 
 
 def write_rows(path: Path, rows: list[dict]):
@@ -436,9 +545,11 @@ def main(argv=None) -> int:
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
-        print("bench_triton.py needs a CUDA GPU: the Triton kernels are only timed on one "
-              "(torch.cuda.is_available() is False). Use --smoke to check the script on CPU.",
-              file=sys.stderr)
+        print(
+            "bench_triton.py needs a CUDA GPU: the Triton kernels are only timed on one "
+            "(torch.cuda.is_available() is False). Use --smoke to check the script on CPU.",
+            file=sys.stderr,
+        )
         return 2
     kernels = import_kernels()
     ok, reason = kernels.is_available()
@@ -465,8 +576,14 @@ def main(argv=None) -> int:
         return ModelConfig.from_name(preset)
 
     def row(benchmark, backend, **fields):
-        return {"benchmark": benchmark, "backend": backend, "device": device_name,
-                "commit": commit, "date": now.isoformat(timespec="seconds"), **fields}
+        return {
+            "benchmark": benchmark,
+            "backend": backend,
+            "device": device_name,
+            "commit": commit,
+            "date": now.isoformat(timespec="seconds"),
+            **fields,
+        }
 
     def throughput(ops, ms):
         if ms is None:
@@ -480,15 +597,30 @@ def main(argv=None) -> int:
     else:
         presets, batches, T, seq_len = args.presets, args.batch, args.timesteps, args.seq_len
         warmup, repeats = args.warmup, args.repeats
-    ctx = {"torch": torch, "F": F, "device": device, "cuda": cuda, "T": T, "seq_len": seq_len,
-           "timer": Timer(torch, warmup, repeats, cuda),
-           # The per-step reference takes seconds per call: fewer repeats keep the run short.
-           "slow_timer": Timer(torch, min(warmup, 1), min(repeats, 3), cuda),
-           "row": row, "throughput": throughput, "config": config, "keep": args.keep_fraction,
-           "skip_step": args.skip_torch_step, "spike_linear": spike_linear, "if_scan": if_scan,
-           "spiking_attention": spiking_attention, "simulate": simulate}
-    print(f"device: {device_name}; int8 peak: {peak or 'unknown'} TOPS; commit {commit}; "
-          f"T={T}, seq_len={seq_len}")
+    ctx = {
+        "torch": torch,
+        "F": F,
+        "device": device,
+        "cuda": cuda,
+        "T": T,
+        "seq_len": seq_len,
+        "timer": Timer(torch, warmup, repeats, cuda),
+        # The per-step reference takes seconds per call: fewer repeats keep the run short.
+        "slow_timer": Timer(torch, min(warmup, 1), min(repeats, 3), cuda),
+        "row": row,
+        "throughput": throughput,
+        "config": config,
+        "keep": args.keep_fraction,
+        "skip_step": args.skip_torch_step,
+        "spike_linear": spike_linear,
+        "if_scan": if_scan,
+        "spiking_attention": spiking_attention,
+        "simulate": simulate,
+    }
+    print(
+        f"device: {device_name}; int8 peak: {peak or 'unknown'} TOPS; commit {commit}; "
+        f"T={T}, seq_len={seq_len}"
+    )
     rows: list[dict] = []
     for preset in presets:
         ctx["preset"] = preset

@@ -37,7 +37,7 @@ from spikeinfer.distill import (
     init_student_from_teacher,
     load_split,
 )
-from spikeinfer.firing_range import fit_firing_range, unclamped_rates
+from spikeinfer.firing_range import FFN_THRESHOLDS, fit_firing_range, unclamped_rates
 from spikeinfer.metrics import compute_metrics
 from spikeinfer.teacher import load_teacher
 
@@ -81,6 +81,12 @@ def main():
     p.add_argument("--train-examples", type=int, default=3000)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--snn-timesteps", type=int, default=0, help="also probe the SNN at this T")
+    p.add_argument(
+        "--ffn-threshold",
+        choices=FFN_THRESHOLDS,
+        default="all",
+        help="rule for the FFN threshold of the fitted students (spikeinfer.firing_range)",
+    )
     p.add_argument("--out", default=None, help="JSON file (default bench/results/probe_init_...)")
     a = p.parse_args()
     torch.manual_seed(0)
@@ -137,7 +143,9 @@ def main():
         rows["plain snn"] = snn_cls(copied)
     for tail in (float(t) for t in a.tails.split(",") if t):
         model = student()
-        fit_firing_range(model, calibration_batches(train, args, "cpu"), tail)
+        fit_firing_range(
+            model, calibration_batches(train, args, "cpu"), tail, ffn_threshold=a.ffn_threshold
+        )
         rows[f"tail={tail}"] = surrogate_cls(model)
         if a.snn_timesteps:
             rows[f"tail={tail} snn"] = snn_cls(model)
@@ -158,6 +166,7 @@ def main():
         "layers": layers,
         "train_examples": len(train),
         "snn_timesteps": a.snn_timesteps,
+        "ffn_threshold": a.ffn_threshold,
         "dev_examples": len(dev),
         "commit": commit,
         "date": date,

@@ -233,6 +233,7 @@ def cmd_finetune_teacher(args) -> int:
 
 def _add_distill(sub):
     from .distill import ATTENTION_KD, DEFAULT_LAYER_MAP, STUDENT_STAGES
+    from .firing_range import FFN_THRESHOLDS
 
     p = sub.add_parser("distill", help="distil a fine-tuned teacher into a spiking student")
     _add_training_flags(p, lr=5e-5)
@@ -299,6 +300,14 @@ def _add_distill(sub):
         "surrogate, a wide one such as 0.25 the spiking simulation: docs/recipes.md)",
     )
     p.add_argument(
+        "--ffn-threshold",
+        choices=FFN_THRESHOLDS,
+        default="all",
+        help="with --firing-range, the FFN neurons' threshold: the 1 - TAIL quantile of all "
+        "GELU outputs (from a tail of about 0.2 it falls to its floor and the FFN starts "
+        "silent) or of the positive ones",
+    )
+    p.add_argument(
         "--attention-kd",
         choices=ATTENTION_KD,
         default="scores",
@@ -338,6 +347,7 @@ def cmd_distill(args) -> int:
         augment=args.augment,
         augment_prob=args.augment_prob,
         firing_range=args.firing_range,
+        ffn_threshold=args.ffn_threshold,
         attention_kd=args.attention_kd,
     )
     return 0

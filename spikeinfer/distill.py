@@ -411,6 +411,7 @@ def distill(
     augment: int = 0,
     augment_prob: float = 0.4,
     firing_range: float = 0.0,
+    ffn_threshold: str = "all",
     attention_kd: str = "scores",
 ) -> dict:
     """Run the student stages in order; each writes `<out>/<stage>/` (a spikeinfer checkpoint)
@@ -425,8 +426,9 @@ def distill(
     perturbed copies of every training example (`spikeinfer.augment`, each token replaced with
     probability `augment_prob`), TinyBERT's other remedy for small tasks. `firing_range` > 0
     rewrites a student that starts from the teacher so its calibration values' [tail, 1 - tail]
-    quantiles fill the firing range (`spikeinfer.firing_range`; the tail is this number);
-    `attention_kd="centred"` compares row-centred scores (what such a student needs)."""
+    quantiles fill the firing range (`spikeinfer.firing_range`; the tail is this number, and
+    `ffn_threshold` the rule for the FFN neurons' threshold); `attention_kd="centred"` compares
+    row-centred scores (what such a student needs)."""
     from .checkpoint import load_checkpoint, save_checkpoint
     from .engine import evaluate, resolve_backend
     from .teacher import load_teacher as _load
@@ -473,6 +475,7 @@ def distill(
         train_examples=len(train),
         augment=augment,
         firing_range=firing_range,
+        ffn_threshold=ffn_threshold,
         attention_kd=attention_kd,
     )
     results = {}
@@ -502,7 +505,11 @@ def distill(
             from .firing_range import fit_firing_range
 
             inside = fit_firing_range(
-                student, calibration_batches(train, args, device), firing_range, args.seed
+                student,
+                calibration_batches(train, args, device),
+                firing_range,
+                args.seed,
+                ffn_threshold,
             )
             log(event="firing_range", stage=stage, tail=firing_range, inside=inside)
         # The kernel backends implement 1-bit projections only: full-precision stages simulate
@@ -623,6 +630,7 @@ def distill(
                     "batch_size": args.batch_size,
                     "seed": args.seed,
                     "firing_range": firing_range,
+                    "ffn_threshold": ffn_threshold,
                     "attention_kd": attention_kd,
                 },
                 attachments={PROJECTION_NAME: module.proj.state_dict()},

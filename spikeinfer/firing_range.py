@@ -18,7 +18,12 @@ function (the layers it kept):
                  which softmax ignores (attention-score KD should compare row-centred scores)
     A            probabilities sum to 1 over the keys, so A's current is s_V A_teacher + c_V
                  already (W_O takes the division)
-    F            GELU's output cannot be scaled from inside; Vth_F becomes its 1 - tail quantile
+    F            GELU's output cannot be scaled from inside; Vth_F becomes a quantile of it
+                 (`ffn_threshold`): "all", the 1 - tail quantile of every output, which most
+                 GELU outputs being negative puts at or under 0 for tails from about 0.2, so
+                 Vth_F falls to its floor 1e-3, F fires for every positive value and W_2 (scaled
+                 by Vth_F) silences the FFN at init; "positive", the 1 - tail quantile of the
+                 positive outputs, the only ones that can fire
     consumers    of a = s v + c take W / s and b - W c / s; the O1 and O2 sums are multiplied
                  by the residual's s; the classifier reads a = s v + c of the last O2
 
@@ -49,6 +54,10 @@ from .model import SpikingBert
 MAX_TOKENS = 8192
 # Elements sampled for a quantile over a whole sublayer (torch.quantile's input limit is 2^24).
 MAX_SAMPLES = 1 << 20
+# Rules for F's threshold (module docstring).
+FFN_THRESHOLDS = ("all", "positive")
+# Vth_F's floor: a threshold at or under 0 would fire on every step.
+MIN_FFN_THRESHOLD = 1e-3
 
 
 @torch.no_grad()
@@ -96,7 +105,9 @@ def _feature_scale(values, tail):
 
 
 @torch.no_grad()
-def fit_firing_range(student: SpikingBert, batches, tail: float = 0.02, seed: int = 0) -> dict:
+def fit_firing_range(
+    student: SpikingBert, batches, tail: float = 0.02, seed: int = 0, ffn_threshold: str = "all"
+) -> dict:
     """Rewrite a teacher-initialised `student` in place (see the module docstring) from the
     currents of `batches` (dicts with input_ids, attention_mask, token_type_ids). Returns, per
     sublayer, the fraction of calibration values that now fall strictly inside the firing range.
@@ -104,6 +115,8 @@ def fit_firing_range(student: SpikingBert, batches, tail: float = 0.02, seed: in
     Apply before training and before any pruning: masked or compacted students are refused."""
     if not 0.0 < tail < 0.5:
         raise ValueError(f"tail must be in (0, 0.5), got {tail}")
+    if ffn_threshold not in FFN_THRESHOLDS:
+        raise ValueError(f"ffn_threshold must be one of {FFN_THRESHOLDS}, got {ffn_threshold!r}")
     for block in student.layers:
         if any(p.frozen for p in block.projections()):
             raise ValueError("fit_firing_range needs latent weights; this student is frozen")
@@ -181,7 +194,12 @@ def fit_firing_range(student: SpikingBert, batches, tail: float = 0.02, seed: in
         block.ffn1.weight.copy_(w_1 / s_1)
         block.ffn1.bias.copy_(b_1 - w_1 @ (c_1 / s_1))
         # F's rate is GELU(.) / Vth_F: the threshold takes the 1 - tail quantile.
-        theta_f = _sample(values[f"{l}.F"], MAX_SAMPLES, gen).quantile(1 - tail).clamp_min(1e-3)
+        gelu = values[f"{l}.F"]
+        if ffn_threshold == "positive":
+            gelu = gelu[gelu > 0]
+            if gelu.numel() == 0:
+                raise ValueError(f"block {l}: no positive GELU output in the calibration batches")
+        theta_f = _sample(gelu, MAX_SAMPLES, gen).quantile(1 - tail).clamp_min(MIN_FFN_THRESHOLD)
         theta_f = theta_f.to(device)
         student.v_th[base + SUBLAYERS.index("F")] = theta_f
         maps[f"{l}.F"] = (1.0 / theta_f, torch.zeros((), device=device))

@@ -63,6 +63,34 @@ def test_firing_range_keeps_the_teachers_function(tiny_teacher):  # noqa: F811
         torch.testing.assert_close(mine.o_proj.weight, theirs.o_proj.weight)
 
 
+@pytest.mark.parametrize("rule", ["all", "positive"])
+def test_ffn_threshold_rules(tiny_teacher, rule):  # noqa: F811
+    """Vth_F is the 1 - tail quantile of every GELU output ("all", floored at 1e-3 when that
+    quantile is not positive) or of the positive ones; either way the logits are kept."""
+    teacher = _teacher(tiny_teacher)
+    student = init_student_from_teacher(teacher, [0, 1], binary=False, t_conv=8).eval()
+    calibration = _batches()
+    gelu = torch.cat(
+        [unclamped_rates(student, b)["0.F"][b["attention_mask"].bool()] for b in calibration]
+    ).flatten()
+    probe = _batches(1, seed=1)[0]
+    logits_before = student.classifier(unclamped_rates(student, probe)["1.O2"][:, 0])
+    tail = 0.25
+    fit_firing_range(student, calibration, tail=tail, ffn_threshold=rule)
+    theta = float(student.v_th[1 + 4])
+    if rule == "all":
+        expected = max(float(gelu.quantile(1 - tail)), 1e-3)
+    else:
+        expected = float(gelu[gelu > 0].quantile(1 - tail))
+        above = float((gelu[gelu > 0] >= theta).float().mean())
+        assert abs(above - tail) < 0.01, above
+    assert theta == pytest.approx(expected, rel=1e-5)
+    logits_after = student.classifier(unclamped_rates(student, probe)["1.O2"][:, 0])
+    torch.testing.assert_close(logits_after, logits_before, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="ffn_threshold"):
+        fit_firing_range(student, calibration, ffn_threshold="median")
+
+
 def test_firing_range_refuses_students_it_cannot_rewrite(tiny_teacher):  # noqa: F811
     teacher = _teacher(tiny_teacher)
 
