@@ -232,7 +232,7 @@ def cmd_finetune_teacher(args) -> int:
 
 
 def _add_distill(sub):
-    from .distill import ATTENTION_KD, DEFAULT_LAYER_MAP, STUDENT_STAGES
+    from .distill import ATTENTION_KD, DEFAULT_LAYER_MAP, STUDENT_STAGES, SURROGATES
     from .firing_range import FFN_THRESHOLDS
 
     p = sub.add_parser("distill", help="distil a fine-tuned teacher into a spiking student")
@@ -314,6 +314,14 @@ def _add_distill(sub):
         help="attention-score KD on raw pre-softmax scores or on rows centred over the real "
         "keys (softmax ignores a constant per row; use centred with --firing-range)",
     )
+    p.add_argument(
+        "--surrogate",
+        choices=SURROGATES,
+        default="rate",
+        help="the surrogate gradients flow through: clamped rates (DESIGN section 6) or "
+        "'moments', which carries each step's spike variance through softmax, LayerNorm and "
+        "GELU as the spiking model's per-step nonlinearities see it",
+    )
     p.set_defaults(func=cmd_distill)
 
 
@@ -349,6 +357,7 @@ def cmd_distill(args) -> int:
         firing_range=args.firing_range,
         ffn_threshold=args.ffn_threshold,
         attention_kd=args.attention_kd,
+        surrogate=args.surrogate,
     )
     return 0
 

@@ -44,6 +44,9 @@ from .train import (
 STUDENT_STAGES = ("fp-inter", "fp-pred", "1bit-inter", "1bit-pred")
 # Attention-score KD: raw pre-softmax scores, or each row centred over its real keys.
 ATTENTION_KD = ("scores", "centred")
+# Rate surrogates the gradients flow through (SpikingBert.surrogate): plain rates, or rates whose
+# per-step variance is carried through softmax, LayerNorm and GELU.
+SURROGATES = ("rate", "moments")
 # The shared hidden-state projection of intermediate KD, carried from stage to stage.
 PROJECTION_NAME = "hidden_projection.pt"
 
@@ -125,9 +128,11 @@ def teacher_logits(teacher):
     )
 
 
-def surrogate_logits(student):
+def surrogate_logits(student, moments: bool = False):
     return lambda b: (
-        student.surrogate(b["input_ids"], b["attention_mask"], b["token_type_ids"]).logits
+        student.surrogate(
+            b["input_ids"], b["attention_mask"], b["token_type_ids"], moments=moments
+        ).logits
     )
 
 
@@ -321,10 +326,11 @@ class TeacherTaps:
 class DistillModule(nn.Module):
     """The trainable part of distillation: the student and the shared hidden-state projection."""
 
-    def __init__(self, student: SpikingBert, teacher_hidden: int):
+    def __init__(self, student: SpikingBert, teacher_hidden: int, moments: bool = False):
         super().__init__()
         self.student = student
         self.proj = nn.Linear(student.config.hidden_size, teacher_hidden)
+        self.moments = moments
 
     def forward(self, batch, snn_rates=None, intermediate: bool = False):
         out = self.student.surrogate(
@@ -334,6 +340,7 @@ class DistillModule(nn.Module):
             snn_rates=snn_rates,
             output_attention_scores=intermediate,
             output_hidden_states=intermediate,
+            moments=self.moments,
         )
         hidden = [self.proj(h) for h in out.hidden_states] if intermediate else None
         return out.logits, out.attention_scores, hidden
@@ -413,6 +420,7 @@ def distill(
     firing_range: float = 0.0,
     ffn_threshold: str = "all",
     attention_kd: str = "scores",
+    surrogate: str = "rate",
 ) -> dict:
     """Run the student stages in order; each writes `<out>/<stage>/` (a spikeinfer checkpoint)
     and is skipped on --resume once finished. `swap_after` is the fraction of every stage's steps
@@ -428,13 +436,17 @@ def distill(
     rewrites a student that starts from the teacher so its calibration values' [tail, 1 - tail]
     quantiles fill the firing range (`spikeinfer.firing_range`; the tail is this number, and
     `ffn_threshold` the rule for the FFN neurons' threshold); `attention_kd="centred"` compares
-    row-centred scores (what such a student needs)."""
+    row-centred scores (what such a student needs). `surrogate="moments"` trains (and reports)
+    the noise-aware surrogate (`SpikingBert.surrogate(moments=True)`)."""
     from .checkpoint import load_checkpoint, save_checkpoint
     from .engine import evaluate, resolve_backend
     from .teacher import load_teacher as _load
 
     if attention_kd not in ATTENTION_KD:
         raise ValueError(f"attention_kd must be one of {ATTENTION_KD}, got {attention_kd!r}")
+    if surrogate not in SURROGATES:
+        raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
+    moments = surrogate == "moments"
     if not 0.0 <= firing_range < 0.5:
         raise ValueError(f"firing_range (a tail quantile) must be in [0, 0.5), got {firing_range}")
     if init is not None and not (Path(init) / "config.json").exists():
@@ -477,6 +489,7 @@ def distill(
         firing_range=firing_range,
         ffn_threshold=ffn_threshold,
         attention_kd=attention_kd,
+        surrogate=surrogate,
     )
     results = {}
     for stage in stages:
@@ -516,7 +529,7 @@ def distill(
         # with the multi-step reference.
         stage_backend = sim_backend if binary else "torch"
         student.to(device).to_backend(stage_backend)
-        module = DistillModule(student, teacher.config.hidden_size).to(device)
+        module = DistillModule(student, teacher.config.hidden_size, moments).to(device)
         # Every stage loads the latest projection, prediction stages too (frozen there), so each
         # stage saves the trained one: an intermediate stage after a prediction stage (fp-pred ->
         # 1bit-inter) starts from fp-inter's projection, not from an untrained one.
@@ -586,11 +599,11 @@ def distill(
                 progress=False,
                 limit=args.eval_limit,
             )
-            surrogate = dev_metrics(surrogate_logits(student), spec.name, dev, device)
+            sur = dev_metrics(surrogate_logits(student, moments), spec.name, dev, device)
             return {
                 "snn": {k: r[k] for k in spec.metrics},
                 "timesteps": args.timesteps,
-                "surrogate": surrogate,
+                "surrogate": sur,
             }
 
         metrics = run_loop(
@@ -632,6 +645,7 @@ def distill(
                     "firing_range": firing_range,
                     "ffn_threshold": ffn_threshold,
                     "attention_kd": attention_kd,
+                    "surrogate": surrogate,
                 },
                 attachments={PROJECTION_NAME: module.proj.state_dict()},
             )

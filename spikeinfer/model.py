@@ -19,6 +19,7 @@ of the sublayers feeding it (`rng.bernoulli_spikes`), passing only rate vectors 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -35,6 +36,9 @@ BACKENDS = ("torch", "torch-step", "triton", "cpu")
 MODES = ("unrolled", "sequential")
 # The six 1-bit projections of a block, in the order checkpoints and kernels list them.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "ffn1", "ffn2")
+
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 # Index of each sublayer's input stream in rng.INPUTS, for sequential-mode draws.
 _IN = {name: i for i, name in enumerate(rng.INPUTS)}
@@ -94,6 +98,17 @@ class Projection(nn.Module):
         else:
             signs, alpha = binarize_ste(self.weight, self.per_row)
         return ops.spike_linear(x, signs, alpha, self.bias)
+
+    def variance(self, var_in: torch.Tensor) -> torch.Tensor:
+        """Variance of one step's output for independent inputs of variance `var_in` [..., in]:
+        sum_i W_ni^2 var_i (the bias adds none). A 1-bit row is alpha_n (.) signs, signs^2 = 1."""
+        if not self.binary:
+            return ops.dense_linear(var_in, self.weight.square(), None)
+        if self.frozen or not torch.is_grad_enabled() or not self.weight.requires_grad:
+            _, alpha = self.binary_weights()
+        else:
+            _, alpha = binarize_ste(self.weight, self.per_row)
+        return var_in.sum(-1, keepdim=True) * alpha.square()
 
     def select(self, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None):
         """Keep only `rows` (output units) and `cols` (input units), in place; freezes 1-bit first
@@ -204,6 +219,63 @@ class Block(nn.Module):
 
     def current_o2(self, s_f, s_o1):
         return self.ln_o2(self.ffn2(s_f) + s_o1)
+
+    # -- moment currents of the noise-aware surrogate (SpikingBert.surrogate, moments=True) -----
+    # Inputs are rates a; a 0/1 spike train of rate a has per-step variance a (1 - a).
+    def moment_a(self, x, a_k, a_v, mask_add, head_gate=None):
+        """Expected attention current, scores shifted by half their per-step variance."""
+        B, N, _ = x.shape
+        h, d = self.num_heads, self.head_dim
+        q = self.q_proj(x).view(B, N, h, d).transpose(1, 2)  # [B, h, N, d]
+        q_var = self.q_proj.variance(spike_variance(x)).view(B, N, h, d).transpose(1, 2)
+        k = a_k.view(B, N, h, d).transpose(1, 2)  # [B, h, N, d]
+        v = a_v.view(B, N, h, d).transpose(1, 2)  # [B, h, N, d]
+        # Var(q . k) for independent q and 0/1 k: E[q]^2 Var(k) + Var(q) E[k^2], E[k^2] = a_k.
+        k_t, k_var_t = k.transpose(-1, -2), spike_variance(k).transpose(-1, -2)
+        score_var = ((q * q) @ k_var_t + q_var @ k_t) / d  # [B, h, N, N]
+        scores = ops.attention_scores(q, k, mask_add) + score_var / 2  # [B, h, N, N]
+        out = torch.softmax(scores, dim=-1) @ v  # [B, h, N, d]
+        if head_gate is not None:
+            out = out * head_gate.view(1, h, 1, 1)
+        return out.transpose(1, 2).reshape(B, N, h * d), scores  # [B, N, h*d]
+
+    def moment_o1(self, a_a, x):
+        m = self.o_proj(a_a) + x
+        noise = self.o_proj.variance(spike_variance(a_a)) + spike_variance(x)
+        return layer_norm_with_noise(self.ln_o1, m, noise)
+
+    def moment_f(self, a_o1, neuron_gate=None):
+        out = gelu_expectation(self.ffn1(a_o1), self.ffn1.variance(spike_variance(a_o1)))
+        return out if neuron_gate is None else out * neuron_gate
+
+    def moment_o2(self, a_f, a_o1):
+        m = self.ffn2(a_f) + a_o1
+        noise = self.ffn2.variance(spike_variance(a_f)) + spike_variance(a_o1)
+        return layer_norm_with_noise(self.ln_o2, m, noise)
+
+
+def spike_variance(a: torch.Tensor) -> torch.Tensor:
+    """Per-step variance of a 0/1 spike train with rate a."""
+    return a * (1.0 - a)
+
+
+def layer_norm_with_noise(ln: nn.LayerNorm, mean: torch.Tensor, noise: torch.Tensor):
+    """Time average of a per-step LayerNorm whose input is `mean` plus per-feature noise of
+    variance `noise`: every step divides by a deviation over the features that includes the
+    noise, var(mean) + avg(noise), which the rate surrogate's LayerNorm leaves out."""
+    mu = mean.mean(-1, keepdim=True)
+    var = (mean - mu).square().mean(-1, keepdim=True) + noise.mean(-1, keepdim=True)
+    return (mean - mu) * torch.rsqrt(var + ln.eps) * ln.weight + ln.bias
+
+
+def gelu_expectation(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """E[GELU(z)] for z ~ N(mean, var), GELU(z) = z Phi(z): by Stein's lemma
+    mean Phi(mean / s) + var phi(mean / s) / s with s = sqrt(1 + var)."""
+    s = torch.sqrt(1.0 + var)
+    u = mean / s
+    cdf = 0.5 * (1.0 + torch.erf(u * _SQRT_HALF))
+    pdf = torch.exp(-0.5 * u.square()) * _INV_SQRT_2PI
+    return mean * cdf + var * pdf / s
 
 
 @dataclass
@@ -530,11 +602,19 @@ class SpikingBert(nn.Module):
         neuron_mask=None,
         output_attention_scores=False,
         output_hidden_states=False,
+        moments=False,
     ) -> SurrogateOutput:
         """The same graph with every spike tensor replaced by a = clamp(I / Vth, 0, 1).
 
         With `snn_rates` (the `rates` of a no-grad spiking run) each sublayer's output is swapped
         straight-through: its value is the SNN's ASR, its gradient the surrogate's.
+
+        `moments=True` is the noise-aware surrogate: softmax, LayerNorm and GELU act on each
+        step's currents, which carry the spikes' per-step variance a (1 - a) through the
+        projections, so their time averages differ from the same functions of the rates. It
+        adds that variance to LayerNorm's deviation, half the scores' variance to the scores
+        (the mean of exp under Gaussian noise) and takes GELU's expectation under it
+        (`Block.moment_*`; docs/recipes.md measures how closely it tracks the spiking model).
         """
         input_ids, attention_mask, token_type_ids = self._check_inputs(
             input_ids, attention_mask, token_type_ids
@@ -559,11 +639,19 @@ class SpikingBert(nn.Module):
             i = 1 + len(SUBLAYERS) * l
             a_k = rate(i, f"{l}.K", block.current_k(x))
             a_v = rate(i + 1, f"{l}.V", block.current_v(x))
-            current, scores = block.current_a(x, a_k, a_v, mask_add, hg, return_scores=True)
-            a_a = rate(i + 2, f"{l}.A", current)
-            a_o1 = rate(i + 3, f"{l}.O1", block.current_o1(a_a, x))
-            a_f = rate(i + 4, f"{l}.F", block.current_f(a_o1, ng))
-            x = rate(i + 5, f"{l}.O2", block.current_o2(a_f, a_o1))
+            if moments:
+                current, scores = block.moment_a(x[0], a_k[0], a_v[0], mask_add, hg)
+                a_a = rate(i + 2, f"{l}.A", current[None])
+                a_o1 = rate(i + 3, f"{l}.O1", block.moment_o1(a_a, x))
+                a_f = rate(i + 4, f"{l}.F", block.moment_f(a_o1, ng))
+                x = rate(i + 5, f"{l}.O2", block.moment_o2(a_f, a_o1))
+                scores = scores[None]  # [1, B, h, N, N] like current_a's
+            else:
+                current, scores = block.current_a(x, a_k, a_v, mask_add, hg, return_scores=True)
+                a_a = rate(i + 2, f"{l}.A", current)
+                a_o1 = rate(i + 3, f"{l}.O1", block.current_o1(a_a, x))
+                a_f = rate(i + 4, f"{l}.F", block.current_f(a_o1, ng))
+                x = rate(i + 5, f"{l}.O2", block.current_o2(a_f, a_o1))
             if scores_out is not None:
                 scores_out.append(scores[0])
             if hidden is not None:

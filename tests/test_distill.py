@@ -142,14 +142,15 @@ def test_ste_reaches_latent_weights_of_1bit_student():
             assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
 
 
-def test_few_distillation_steps_lower_the_kd_loss(tiny_teacher):
+@pytest.mark.parametrize("moments", [False, True], ids=["rate", "moments"])
+def test_few_distillation_steps_lower_the_kd_loss(tiny_teacher, moments):
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
     teacher = AutoModelForSequenceClassification.from_pretrained(tiny_teacher).eval()
     student = init_student_from_teacher(teacher, [0, 1], binary=True, t_conv=8)
     student.layers[1].ffn2.bias.data += 0.5  # start away from the teacher
-    module = DistillModule(student, 32)
+    module = DistillModule(student, 32, moments)
     taps = TeacherTaps(teacher, [0, 1])
     ids = torch.randint(1000, 3000, (8, 10))
     b = {
