@@ -36,7 +36,8 @@ each signal by s, while every step's spikes keep Bernoulli noise of about 0.5 an
 LayerNorm and GELU act on each step's values: a narrow tail (0.02, s about 1/4) keeps the most in
 the surrogate and nothing in a T = 32 simulation, a wide one (0.25) less in the surrogate and more
 than a plain copy in the simulation (measurements: docs/recipes.md, "Firing-range
-initialisation").
+initialisation"). Training through the moments surrogate (`SpikingBert.surrogate(moments=True)`,
+which models that noise) lets a narrow tail's spiking simulation follow its surrogate.
 
 The calibration values are the student's rates without the clamp (`unclamped_rates`): with every
 threshold at 1, the teacher's values.
