@@ -440,12 +440,15 @@ def distill(
     the noise-aware surrogate (`SpikingBert.surrogate(moments=True)`)."""
     from .checkpoint import load_checkpoint, save_checkpoint
     from .engine import evaluate, resolve_backend
+    from .firing_range import FFN_THRESHOLDS
     from .teacher import load_teacher as _load
 
     if attention_kd not in ATTENTION_KD:
         raise ValueError(f"attention_kd must be one of {ATTENTION_KD}, got {attention_kd!r}")
     if surrogate not in SURROGATES:
         raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
+    if ffn_threshold not in FFN_THRESHOLDS:
+        raise ValueError(f"ffn_threshold must be one of {FFN_THRESHOLDS}, got {ffn_threshold!r}")
     moments = surrogate == "moments"
     if not 0.0 <= firing_range < 0.5:
         raise ValueError(f"firing_range (a tail quantile) must be in [0, 0.5), got {firing_range}")

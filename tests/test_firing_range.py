@@ -154,3 +154,5 @@ def test_distill_with_firing_range_logs_and_records_it(tiny_teacher, tmp_path): 
         distill(args, tiny_teacher, attention_kd="kl", **kwargs)
     with pytest.raises(ValueError, match="firing_range"):
         distill(args, tiny_teacher, firing_range=0.5, **kwargs)
+    with pytest.raises(ValueError, match="ffn_threshold"):
+        distill(args, tiny_teacher, firing_range=0.02, ffn_threshold="median", **kwargs)
