@@ -20,14 +20,12 @@ for these features:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from provenance import save_result
 
 from spikeinfer.data import bucket_batches, get_task, load_tokenizer
 from spikeinfer.distill import (
@@ -153,27 +151,21 @@ def main():
     for name, fn in rows.items():
         results[name] = probe(spec.name, spec.num_labels, fn, train, dev)
         print(name, json.dumps(results[name]), flush=True)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    date = datetime.date.today().isoformat()
-    out = Path(a.out or f"bench/results/probe_init_{spec.name}_{len(layers)}l_{date}.json")
-    record = {
-        "benchmark": "probe_init",
-        "command": " ".join(["python", *sys.argv]),
-        "max_length": a.max_length,
-        "task": spec.name,
-        "layers": layers,
-        "train_examples": len(train),
-        "snn_timesteps": a.snn_timesteps,
-        "ffn_threshold": a.ffn_threshold,
-        "dev_examples": len(dev),
-        "commit": commit,
-        "date": date,
-        "results": results,
-    }
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}")
+    save_result(
+        {
+            "benchmark": "probe_init",
+            "max_length": a.max_length,
+            "task": spec.name,
+            "layers": layers,
+            "train_examples": len(train),
+            "snn_timesteps": a.snn_timesteps,
+            "ffn_threshold": a.ffn_threshold,
+            "dev_examples": len(dev),
+            "results": results,
+        },
+        a.out,
+        f"probe_init_{spec.name}_{len(layers)}l",
+    )
 
 
 if __name__ == "__main__":

@@ -10,13 +10,11 @@ the mean absolute error of each surrogate's rates against the simulation's, per 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from provenance import save_result
 
 from spikeinfer.checkpoint import load_checkpoint
 from spikeinfer.config import SUBLAYERS
@@ -80,24 +78,18 @@ def main(argv=None):
         r = fidelity(model, spec.name, dev, a.timesteps, backend)
         rows.append({"model": path, "binary": binary, "backend": backend, **r})
         print(json.dumps(rows[-1]), flush=True)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    date = datetime.date.today().isoformat()
-    out = Path(a.out or f"bench/results/surrogate_fidelity_{spec.name}_{date}.json")
-    record = {
-        "benchmark": "surrogate_fidelity",
-        "command": " ".join(["python", *sys.argv]),
-        "task": spec.name,
-        "timesteps": a.timesteps,
-        "n_examples": len(dev),
-        "device": device_name(torch.device("cpu")),
-        "commit": commit,
-        "date": date,
-        "rows": rows,
-    }
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    save_result(
+        {
+            "benchmark": "surrogate_fidelity",
+            "task": spec.name,
+            "timesteps": a.timesteps,
+            "n_examples": len(dev),
+            "device": device_name(torch.device("cpu")),
+            "rows": rows,
+        },
+        a.out,
+        f"surrogate_fidelity_{spec.name}",
+    )
 
 
 if __name__ == "__main__":

@@ -223,21 +223,21 @@ class Block(nn.Module):
     # -- moment currents of the noise-aware surrogate (SpikingBert.surrogate, moments=True) -----
     # Inputs are rates a; a 0/1 spike train of rate a has per-step variance a (1 - a).
     def moment_a(self, x, a_k, a_v, mask_add, head_gate=None):
-        """Expected attention current, scores shifted by half their per-step variance."""
-        B, N, _ = x.shape
+        """Expected attention current and the scores it came from, shifted by half their
+        per-step variance (time-major like `current_a`)."""
+        T, B, N, _ = x.shape
         h, d = self.num_heads, self.head_dim
-        q = self.q_proj(x).view(B, N, h, d).transpose(1, 2)  # [B, h, N, d]
-        q_var = self.q_proj.variance(spike_variance(x)).view(B, N, h, d).transpose(1, 2)
-        k = a_k.view(B, N, h, d).transpose(1, 2)  # [B, h, N, d]
-        v = a_v.view(B, N, h, d).transpose(1, 2)  # [B, h, N, d]
+        q = self.q_proj(x).view(T, B, N, h, d).transpose(2, 3)  # [T, B, h, N, d]
+        q_var = self.q_proj.variance(spike_variance(x)).view(T, B, N, h, d).transpose(2, 3)
+        k = a_k.view(T, B, N, h, d).transpose(2, 3)  # [T, B, h, N, d]
+        v = a_v.view(T, B, N, h, d).transpose(2, 3)  # [T, B, h, N, d]
         # Var(q . k) for independent q and 0/1 k: E[q]^2 Var(k) + Var(q) E[k^2], E[k^2] = a_k.
         k_t, k_var_t = k.transpose(-1, -2), spike_variance(k).transpose(-1, -2)
-        score_var = ((q * q) @ k_var_t + q_var @ k_t) / d  # [B, h, N, N]
-        scores = ops.attention_scores(q, k, mask_add) + score_var / 2  # [B, h, N, N]
-        out = torch.softmax(scores, dim=-1) @ v  # [B, h, N, d]
+        score_var = ((q * q) @ k_var_t + q_var @ k_t) / d  # [T, B, h, N, N]
+        out, scores = ops.spiking_attention(q, k, v, mask_add + score_var / 2, return_scores=True)
         if head_gate is not None:
-            out = out * head_gate.view(1, h, 1, 1)
-        return out.transpose(1, 2).reshape(B, N, h * d), scores  # [B, N, h*d]
+            out = out * head_gate.view(1, 1, h, 1, 1)
+        return out.transpose(2, 3).reshape(T, B, N, h * d), scores  # [T, B, N, h*d]
 
     def moment_o1(self, a_a, x):
         m = self.o_proj(a_a) + x
@@ -640,12 +640,11 @@ class SpikingBert(nn.Module):
             a_k = rate(i, f"{l}.K", block.current_k(x))
             a_v = rate(i + 1, f"{l}.V", block.current_v(x))
             if moments:
-                current, scores = block.moment_a(x[0], a_k[0], a_v[0], mask_add, hg)
-                a_a = rate(i + 2, f"{l}.A", current[None])
+                current, scores = block.moment_a(x, a_k, a_v, mask_add, hg)
+                a_a = rate(i + 2, f"{l}.A", current)
                 a_o1 = rate(i + 3, f"{l}.O1", block.moment_o1(a_a, x))
                 a_f = rate(i + 4, f"{l}.F", block.moment_f(a_o1, ng))
                 x = rate(i + 5, f"{l}.O2", block.moment_o2(a_f, a_o1))
-                scores = scores[None]  # [1, B, h, N, N] like current_a's
             else:
                 current, scores = block.current_a(x, a_k, a_v, mask_add, hg, return_scores=True)
                 a_a = rate(i + 2, f"{l}.A", current)

@@ -84,9 +84,9 @@ def test_moment_currents_are_the_rate_currents_on_binary_inputs():
     a, o1, f = (torch.rand(2, 6, n, generator=g).round() for n in (H, D, block.num_neurons))
     with torch.no_grad():
         current, scores = block.current_a(x[None], k[None], v[None], mask_add, return_scores=True)
-        m_current, m_scores = block.moment_a(x, k, v, mask_add)
-        torch.testing.assert_close(m_current, current[0])
-        torch.testing.assert_close(m_scores, scores[0])
+        m_current, m_scores = block.moment_a(x[None], k[None], v[None], mask_add)
+        torch.testing.assert_close(m_current, current)
+        torch.testing.assert_close(m_scores, scores)
         torch.testing.assert_close(block.moment_o1(a, x), block.current_o1(a, x))
         torch.testing.assert_close(block.moment_f(o1), block.current_f(o1))
         torch.testing.assert_close(block.moment_o2(f, o1), block.current_o2(f, o1))
