@@ -15,6 +15,7 @@ from spikeinfer.ops import attention_mask_additive
 
 
 def test_gelu_expectation_is_gelu_without_noise_and_the_gaussian_mean_with_it():
+    torch.manual_seed(0)
     mean = torch.linspace(-4, 4, 41, dtype=torch.float64)
     torch.testing.assert_close(gelu_expectation(mean, torch.zeros_like(mean)), F.gelu(mean))
     var = torch.full_like(mean, 0.7)
