@@ -615,3 +615,32 @@ def test_build_lock_clears_a_killed_builds_baton(tmp_path):
         assert not (tmp_path / "lock").exists() and not (tmp_path / ".ninja_lock").exists()
         (tmp_path / "lock").write_text("")  # torch's baton of the build in progress
     assert (tmp_path / "spikeinfer.lock").exists()
+
+
+def test_op_profile_counts_the_acs_of_the_cost_model():
+    """bench/op_profile.py counts each op call's ACs from its shapes; over a forward pass of a
+    pruned model (heads, neurons, per-sublayer timesteps) they add up to spikeinfer.cost's M(h,n,t)
+    for every example at the padded length."""
+    import sys
+    from pathlib import Path
+
+    from spikeinfer.cost import ac_count
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from op_profile import OpTimer
+
+    model = firing_model(seed=13)
+    model.head_mask[0, 1] = 0
+    model.neuron_mask[1, ::2] = 0
+    timesteps = [[3, 4, 5, 2, 6, 3], [2, 2, 3, 4, 5, 7]]
+    model.set_timesteps(timesteps, t_emb=4)
+    expected = ac_count(model.config, model.head_mask, model.neuron_mask, timesteps, 7) * 3
+    small = compact(model)
+    ids, am, tt = inputs(seed=14)
+    with torch.no_grad(), OpTimer() as timer:
+        cb.simulate(small, ids, am, tt, mode="sequential", seed=15)
+    assert sum(timer.acs.values()) == expected
+    assert timer.calls["attention (Q, scores, softmax, P.V)"] == 2
+    assert timer.calls["Bernoulli draws (sequential)"] > 0
+    # The wrappers are gone afterwards.
+    assert cb.spike_linear_neuron.__module__ == "spikeinfer.cpu_backend"
