@@ -322,6 +322,15 @@ def _add_distill(sub):
         "'moments', which carries each step's spike variance through softmax, LayerNorm and "
         "GELU as the spiking model's per-step nonlinearities see it",
     )
+    p.add_argument(
+        "--noise-warmup",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="with --surrogate moments: raise its noise scale linearly from 0 (the rate "
+        "surrogate's function) to 1 (the spiking model's) over this fraction of every stage's "
+        "steps, so a solution the rate surrogate can find adapts to the noise (default 0)",
+    )
     p.set_defaults(func=cmd_distill)
 
 
@@ -358,6 +367,7 @@ def cmd_distill(args) -> int:
         ffn_threshold=args.ffn_threshold,
         attention_kd=args.attention_kd,
         surrogate=args.surrogate,
+        noise_warmup=args.noise_warmup,
     )
     return 0
 

@@ -331,6 +331,7 @@ class DistillModule(nn.Module):
         self.student = student
         self.proj = nn.Linear(student.config.hidden_size, teacher_hidden)
         self.moments = moments
+        self.noise = 1.0  # the moments surrogate's noise scale (a curriculum sets it per step)
 
     def forward(self, batch, snn_rates=None, intermediate: bool = False):
         out = self.student.surrogate(
@@ -341,6 +342,7 @@ class DistillModule(nn.Module):
             output_attention_scores=intermediate,
             output_hidden_states=intermediate,
             moments=self.moments,
+            noise=self.noise,
         )
         hidden = [self.proj(h) for h in out.hidden_states] if intermediate else None
         return out.logits, out.attention_scores, hidden
@@ -421,6 +423,7 @@ def distill(
     ffn_threshold: str = "all",
     attention_kd: str = "scores",
     surrogate: str = "rate",
+    noise_warmup: float = 0.0,
 ) -> dict:
     """Run the student stages in order; each writes `<out>/<stage>/` (a spikeinfer checkpoint)
     and is skipped on --resume once finished. `swap_after` is the fraction of every stage's steps
@@ -437,7 +440,10 @@ def distill(
     quantiles fill the firing range (`spikeinfer.firing_range`; the tail is this number, and
     `ffn_threshold` the rule for the FFN neurons' threshold); `attention_kd="centred"` compares
     row-centred scores (what such a student needs). `surrogate="moments"` trains (and reports)
-    the noise-aware surrogate (`SpikingBert.surrogate(moments=True)`)."""
+    the noise-aware surrogate (`SpikingBert.surrogate(moments=True)`); `noise_warmup` > 0 is the
+    fraction of every stage's steps over which its noise scale rises linearly from 0 (the rate
+    surrogate's function) to 1 (the spiking model's), so that a solution the rate surrogate finds
+    can adapt to the noise instead of being dropped at once."""
     from .checkpoint import load_checkpoint, save_checkpoint
     from .engine import evaluate, resolve_backend
     from .firing_range import FFN_THRESHOLDS
@@ -450,6 +456,11 @@ def distill(
     if ffn_threshold not in FFN_THRESHOLDS:
         raise ValueError(f"ffn_threshold must be one of {FFN_THRESHOLDS}, got {ffn_threshold!r}")
     moments = surrogate == "moments"
+    if not 0.0 <= noise_warmup <= 1.0 or (noise_warmup > 0 and not moments):
+        raise ValueError(
+            f"noise_warmup (a fraction of each stage's steps) must be in [0, 1] and needs "
+            f"--surrogate moments, got {noise_warmup} with surrogate {surrogate!r}"
+        )
     if not 0.0 <= firing_range < 0.5:
         raise ValueError(f"firing_range (a tail quantile) must be in [0, 0.5), got {firing_range}")
     if init is not None and not (Path(init) / "config.json").exists():
@@ -493,6 +504,7 @@ def distill(
         ffn_threshold=ffn_threshold,
         attention_kd=attention_kd,
         surrogate=surrogate,
+        noise_warmup=noise_warmup,
     )
     results = {}
     for stage in stages:
@@ -555,6 +567,7 @@ def distill(
         )
         scheduler = linear_warmup_schedule(optimizer, steps, 0.06)
         swap_from = int(swap_after * steps)
+        noise_steps = int(noise_warmup * steps)
         t_index = [0] + [i + 1 for i in layer_map]  # teacher hidden state of each student state
 
         def step_fn(
@@ -565,8 +578,12 @@ def distill(
             intermediate=intermediate,
             swap_from=swap_from,
             t_index=t_index,
+            module=module,
+            noise_steps=noise_steps,
         ):
             b = _device_batch(train, indices, device)
+            if moments:
+                module.noise = min(1.0, step / noise_steps) if noise_steps else 1.0
             t_logits, t_hidden, t_scores = taps(b)
             snn_rates = None
             if step >= swap_from:
@@ -649,6 +666,7 @@ def distill(
                     "ffn_threshold": ffn_threshold,
                     "attention_kd": attention_kd,
                     "surrogate": surrogate,
+                    "noise_warmup": noise_warmup,
                 },
                 attachments={PROJECTION_NAME: module.proj.state_dict()},
             )

@@ -221,37 +221,40 @@ class Block(nn.Module):
         return self.ln_o2(self.ffn2(s_f) + s_o1)
 
     # -- moment currents of the noise-aware surrogate (SpikingBert.surrogate, moments=True) -----
-    # Inputs are rates a; a 0/1 spike train of rate a has per-step variance a (1 - a).
-    def moment_a(self, x, a_k, a_v, mask_add, head_gate=None):
+    # Inputs are rates a; a 0/1 spike train of rate a has per-step variance a (1 - a), times
+    # `noise` (1: the spiking model's; below 1 towards the rate surrogate, for a curriculum).
+    def moment_a(self, x, a_k, a_v, mask_add, head_gate=None, noise=1.0):
         """Expected attention current and the scores it came from, shifted by half their
         per-step variance (time-major like `current_a`)."""
         T, B, N, _ = x.shape
         h, d = self.num_heads, self.head_dim
         q = self.q_proj(x).view(T, B, N, h, d).transpose(2, 3)  # [T, B, h, N, d]
-        q_var = self.q_proj.variance(spike_variance(x)).view(T, B, N, h, d).transpose(2, 3)
+        q_var = self.q_proj.variance(noise * spike_variance(x))
+        q_var = q_var.view(T, B, N, h, d).transpose(2, 3)  # [T, B, h, N, d]
         k = a_k.view(T, B, N, h, d).transpose(2, 3)  # [T, B, h, N, d]
         v = a_v.view(T, B, N, h, d).transpose(2, 3)  # [T, B, h, N, d]
         # Var(q . k) for independent q and 0/1 k: E[q]^2 Var(k) + Var(q) E[k^2], E[k^2] = a_k.
-        k_t, k_var_t = k.transpose(-1, -2), spike_variance(k).transpose(-1, -2)
+        k_t, k_var_t = k.transpose(-1, -2), (noise * spike_variance(k)).transpose(-1, -2)
         score_var = ((q * q) @ k_var_t + q_var @ k_t) / d  # [T, B, h, N, N]
         out, scores = ops.spiking_attention(q, k, v, mask_add + score_var / 2, return_scores=True)
         if head_gate is not None:
             out = out * head_gate.view(1, 1, h, 1, 1)
         return out.transpose(2, 3).reshape(T, B, N, h * d), scores  # [T, B, N, h*d]
 
-    def moment_o1(self, a_a, x):
+    def moment_o1(self, a_a, x, noise=1.0):
         m = self.o_proj(a_a) + x
-        noise = self.o_proj.variance(spike_variance(a_a)) + spike_variance(x)
-        return layer_norm_with_noise(self.ln_o1, m, noise)
+        var = self.o_proj.variance(noise * spike_variance(a_a)) + noise * spike_variance(x)
+        return layer_norm_with_noise(self.ln_o1, m, var)
 
-    def moment_f(self, a_o1, neuron_gate=None):
-        out = gelu_expectation(self.ffn1(a_o1), self.ffn1.variance(spike_variance(a_o1)))
+    def moment_f(self, a_o1, neuron_gate=None, noise=1.0):
+        var = self.ffn1.variance(noise * spike_variance(a_o1))
+        out = gelu_expectation(self.ffn1(a_o1), var)
         return out if neuron_gate is None else out * neuron_gate
 
-    def moment_o2(self, a_f, a_o1):
+    def moment_o2(self, a_f, a_o1, noise=1.0):
         m = self.ffn2(a_f) + a_o1
-        noise = self.ffn2.variance(spike_variance(a_f)) + spike_variance(a_o1)
-        return layer_norm_with_noise(self.ln_o2, m, noise)
+        var = self.ffn2.variance(noise * spike_variance(a_f)) + noise * spike_variance(a_o1)
+        return layer_norm_with_noise(self.ln_o2, m, var)
 
 
 def spike_variance(a: torch.Tensor) -> torch.Tensor:
@@ -603,6 +606,7 @@ class SpikingBert(nn.Module):
         output_attention_scores=False,
         output_hidden_states=False,
         moments=False,
+        noise=1.0,
     ) -> SurrogateOutput:
         """The same graph with every spike tensor replaced by a = clamp(I / Vth, 0, 1).
 
@@ -615,7 +619,14 @@ class SpikingBert(nn.Module):
         adds that variance to LayerNorm's deviation, half the scores' variance to the scores
         (the mean of exp under Gaussian noise) and takes GELU's expectation under it
         (`Block.moment_*`; docs/recipes.md measures how closely it tracks the spiking model).
+        `noise` scales that variance: 1 is the spiking model's, 0 gives the rate surrogate's
+        function, values between interpolate (a curriculum from one to the other).
         """
+        if not noise >= 0.0 or (noise != 1.0 and not moments):
+            raise ValueError(
+                f"noise scales the moments surrogate's variance: a number >= 0 with "
+                f"moments=True, got noise={noise} with moments={moments}"
+            )
         input_ids, attention_mask, token_type_ids = self._check_inputs(
             input_ids, attention_mask, token_type_ids
         )
@@ -640,11 +651,11 @@ class SpikingBert(nn.Module):
             a_k = rate(i, f"{l}.K", block.current_k(x))
             a_v = rate(i + 1, f"{l}.V", block.current_v(x))
             if moments:
-                current, scores = block.moment_a(x, a_k, a_v, mask_add, hg)
+                current, scores = block.moment_a(x, a_k, a_v, mask_add, hg, noise)
                 a_a = rate(i + 2, f"{l}.A", current)
-                a_o1 = rate(i + 3, f"{l}.O1", block.moment_o1(a_a, x))
-                a_f = rate(i + 4, f"{l}.F", block.moment_f(a_o1, ng))
-                x = rate(i + 5, f"{l}.O2", block.moment_o2(a_f, a_o1))
+                a_o1 = rate(i + 3, f"{l}.O1", block.moment_o1(a_a, x, noise))
+                a_f = rate(i + 4, f"{l}.F", block.moment_f(a_o1, ng, noise))
+                x = rate(i + 5, f"{l}.O2", block.moment_o2(a_f, a_o1, noise))
             else:
                 current, scores = block.current_a(x, a_k, a_v, mask_add, hg, return_scores=True)
                 a_a = rate(i + 2, f"{l}.A", current)

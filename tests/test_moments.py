@@ -93,6 +93,55 @@ def test_moment_currents_are_the_rate_currents_on_binary_inputs():
         torch.testing.assert_close(block.moment_o2(f, o1), block.current_o2(f, o1))
 
 
+def test_noise_scale_runs_from_the_rate_surrogate_to_the_moments_surrogate():
+    """noise=0 takes every variance out (the rate surrogate's function), 1 is the default, and
+    the noise in between moves the logits monotonically along the way on this model."""
+    model = firing_model(seed=6, binary=True)
+    ids, mask, types = batch(seed=3, B=3, N=8)
+    with torch.no_grad():
+        rate = model.surrogate(ids, mask, types).logits
+        full = model.surrogate(ids, mask, types, moments=True).logits
+        torch.testing.assert_close(
+            model.surrogate(ids, mask, types, moments=True, noise=0.0).logits, rate
+        )
+        assert torch.equal(model.surrogate(ids, mask, types, moments=True, noise=1.0).logits, full)
+        gaps = [
+            float(
+                (model.surrogate(ids, mask, types, moments=True, noise=n).logits - rate).abs().sum()
+            )
+            for n in (0.25, 0.5, 0.75)
+        ]
+    assert 0 < gaps[0] < gaps[1] < gaps[2] < float((full - rate).abs().sum()) * 1.5, gaps
+    for bad in ({"moments": False, "noise": 0.5}, {"moments": True, "noise": -0.1}):
+        with pytest.raises(ValueError, match="noise"):
+            model.surrogate(ids, mask, types, **bad)
+
+
+@needs_glue
+def test_distill_noise_warmup_ramps_the_noise_scale(tiny_teacher, tmp_path, monkeypatch):  # noqa: F811
+    from spikeinfer.model import SpikingBert
+
+    seen = []
+    original = SpikingBert.surrogate
+
+    def spy(self, *args, **kwargs):
+        if torch.is_grad_enabled():  # training steps, not the dev evaluation
+            seen.append(kwargs.get("noise"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SpikingBert, "surrogate", spy)
+    args = tiny_run(tmp_path / "run", max_steps=4)
+    kwargs = {"layer_map": [0, 1], "t_conv": 8, "word_embeddings": "teacher"}
+    distill(args, tiny_teacher, stages=["fp-pred"], surrogate="moments", noise_warmup=0.5, **kwargs)
+    assert seen == [0.0, 0.5, 1.0, 1.0]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["noise_warmup"] == 0.5
+    meta = json.loads((tmp_path / "run" / "fp-pred" / "config.json").read_text())
+    assert meta["provenance"]["noise_warmup"] == 0.5
+    with pytest.raises(ValueError, match="noise_warmup"):
+        distill(args, tiny_teacher, noise_warmup=0.5, **kwargs)  # the rate surrogate has no noise
+
+
 @needs_glue
 def test_distill_records_the_surrogate(tiny_teacher, tmp_path):  # noqa: F811
     args = tiny_run(tmp_path / "run")
