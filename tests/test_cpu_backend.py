@@ -298,6 +298,25 @@ def test_bernoulli_pack_matches_rng(K, full, kernel_path):
         assert torch.equal(cb.unpack_spikes(packed, K), ref)
 
 
+@pytest.mark.parametrize("K,silent", [(37, 0.5), (200, 0.5), (200, 0.9), (1536, 0.5)])
+def test_bernoulli_pack_with_silent_inputs(K, silent, kernel_path):
+    """Trained models leave about half their neurons silent (rate 0), and the AVX-512 path draws
+    for the live ones only: scattered zeros, whole silent and whole saturated rows, and live
+    elements straddling words still give the reference's spikes."""
+    gen = torch.Generator().manual_seed(K)
+    B, N, full, seed, stream, steps = 2, 9, K + 11, 4, 9, 5
+    rates = torch.rand(B, N, K, generator=gen)
+    rates[torch.rand(B, N, K, generator=gen) < silent] = 0.0
+    rates[0, 2] = 0.0
+    rates[1, 3] = 1.0
+    cols = torch.randperm(full, generator=gen)[:K].sort().values
+    elements = torch.arange(B * N).view(B, N, 1) * full + cols.view(1, 1, -1)
+    ref = rng.bernoulli_spikes(rates, seed, stream, range(steps), elements)
+    packed = cb.bernoulli_pack(rates, cols, full, seed, stream, steps)
+    assert torch.equal(cb.unpack_spikes(packed, K), ref)
+    assert not ref[:, 0, 2].any() and ref[:, 1, 3].all()
+
+
 def test_bernoulli_pack_at_the_threshold(kernel_path):
     """Rates equal to a draw's own uniform (no spike: u < rate is strict), one float above and
     below it, and the 0 / 1 / out-of-range ends, all as the reference decides them."""
