@@ -331,6 +331,14 @@ def _add_distill(sub):
         "surrogate's function) to 1 (the spiking model's) over this fraction of every stage's "
         "steps, so a solution the rate surrogate can find adapts to the noise (default 0)",
     )
+    p.add_argument(
+        "--layer-norm-noise",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="with --surrogate moments: add W times the loss on how much the spikes' per-step "
+        "noise shrinks each LayerNorm's token-dependent signal (default 0)",
+    )
     p.set_defaults(func=cmd_distill)
 
 
@@ -368,6 +376,7 @@ def cmd_distill(args) -> int:
         attention_kd=args.attention_kd,
         surrogate=args.surrogate,
         noise_warmup=args.noise_warmup,
+        layer_norm_noise=args.layer_norm_noise,
     )
     return 0
 

@@ -345,7 +345,7 @@ class DistillModule(nn.Module):
             noise=self.noise,
         )
         hidden = [self.proj(h) for h in out.hidden_states] if intermediate else None
-        return out.logits, out.attention_scores, hidden
+        return out.logits, out.attention_scores, hidden, out.layer_norm_inputs
 
 
 def attention_kd_loss(student_scores, teacher_scores, attention_mask, centred: bool = False):
@@ -375,6 +375,24 @@ def hidden_kd_loss(student_hidden, teacher_hidden, attention_mask):
     """MSE over real tokens between projected student states and teacher hidden states."""
     m = attention_mask.bool()
     losses = [F.mse_loss(s[m], t[m]) for s, t in zip(student_hidden, teacher_hidden, strict=True)]
+    return sum(losses) / len(losses)
+
+
+def layer_norm_noise_loss(layer_norm_inputs, attention_mask):
+    """How much the spikes' per-step noise shrinks what each per-step LayerNorm passes on, over
+    real tokens: 0.5 log(1 + noise / signal), averaged over LayerNorms. The signal is the
+    variance over features of the input's token-dependent part (the input minus its mean over
+    the batch's real tokens): a static per-feature pattern also raises the LayerNorm's variance,
+    but carries nothing, so it must not pay the loss off. `layer_norm_inputs` comes from
+    `SpikingBert.surrogate(moments=True)`."""
+    valid = attention_mask.bool()  # [B, N]
+    weight = valid[..., None].to(layer_norm_inputs[0][0].dtype)  # [B, N, 1]
+    losses = []
+    for mean, noise in layer_norm_inputs:
+        mean, noise = mean[0], noise[0]  # [B, N, D]
+        static = (mean * weight).sum((0, 1)) / weight.sum((0, 1))  # [D]
+        signal = (mean - static).var(-1, unbiased=False)  # [B, N]
+        losses.append(0.5 * torch.log1p(noise.mean(-1) / (signal + 1e-6))[valid].mean())
     return sum(losses) / len(losses)
 
 
@@ -424,6 +442,7 @@ def distill(
     attention_kd: str = "scores",
     surrogate: str = "rate",
     noise_warmup: float = 0.0,
+    layer_norm_noise: float = 0.0,
 ) -> dict:
     """Run the student stages in order; each writes `<out>/<stage>/` (a spikeinfer checkpoint)
     and is skipped on --resume once finished. `swap_after` is the fraction of every stage's steps
@@ -443,7 +462,9 @@ def distill(
     the noise-aware surrogate (`SpikingBert.surrogate(moments=True)`); `noise_warmup` > 0 is the
     fraction of every stage's steps over which its noise scale rises linearly from 0 (the rate
     surrogate's function) to 1 (the spiking model's), so that a solution the rate surrogate finds
-    can adapt to the noise instead of being dropped at once."""
+    can adapt to the noise instead of being dropped at once. `layer_norm_noise` > 0 adds that
+    weight times `layer_norm_noise_loss` (the moments surrogate's per-step LayerNorms' noise
+    against their token-dependent signal) to every stage's loss."""
     from .checkpoint import load_checkpoint, save_checkpoint
     from .engine import evaluate, resolve_backend
     from .firing_range import FFN_THRESHOLDS
@@ -460,6 +481,11 @@ def distill(
         raise ValueError(
             f"noise_warmup (a fraction of each stage's steps) must be in [0, 1] and needs "
             f"--surrogate moments, got {noise_warmup} with surrogate {surrogate!r}"
+        )
+    if not layer_norm_noise >= 0.0 or (layer_norm_noise > 0 and not moments):
+        raise ValueError(
+            f"layer_norm_noise (a loss weight) must be >= 0 and needs --surrogate moments, got "
+            f"{layer_norm_noise} with surrogate {surrogate!r}"
         )
     if not 0.0 <= firing_range < 0.5:
         raise ValueError(f"firing_range (a tail quantile) must be in [0, 0.5), got {firing_range}")
@@ -505,6 +531,7 @@ def distill(
         attention_kd=attention_kd,
         surrogate=surrogate,
         noise_warmup=noise_warmup,
+        layer_norm_noise=layer_norm_noise,
     )
     results = {}
     for stage in stages:
@@ -594,7 +621,7 @@ def distill(
                         b["token_type_ids"],
                         timesteps=args.timesteps,
                     ).rates
-            logits, scores, hidden = ddp(b, snn_rates, intermediate)
+            logits, scores, hidden, ln_inputs = ddp(b, snn_rates, intermediate)
             if intermediate:
                 att = attention_kd_loss(
                     scores, t_scores, b["attention_mask"], attention_kd == "centred"
@@ -605,6 +632,10 @@ def distill(
             else:
                 loss = prediction_kd_loss(logits, t_logits, b["labels"], spec.is_regression)
                 parts = {}
+            if layer_norm_noise:
+                ln = layer_norm_noise_loss(ln_inputs, b["attention_mask"])
+                loss = loss + layer_norm_noise * ln
+                parts["ln_noise"] = ln.item()
             loss.backward()
             return {"loss": loss.item(), **parts}
 
@@ -667,6 +698,7 @@ def distill(
                     "attention_kd": attention_kd,
                     "surrogate": surrogate,
                     "noise_warmup": noise_warmup,
+                    "layer_norm_noise": layer_norm_noise,
                 },
                 attachments={PROJECTION_NAME: module.proj.state_dict()},
             )

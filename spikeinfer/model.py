@@ -241,9 +241,11 @@ class Block(nn.Module):
             out = out * head_gate.view(1, 1, h, 1, 1)
         return out.transpose(2, 3).reshape(T, B, N, h * d), scores  # [T, B, N, h*d]
 
-    def moment_o1(self, a_a, x, noise=1.0):
+    def moment_o1(self, a_a, x, noise=1.0, record=None):
         m = self.o_proj(a_a) + x
         var = self.o_proj.variance(noise * spike_variance(a_a)) + noise * spike_variance(x)
+        if record is not None:
+            record.append((m, var))
         return layer_norm_with_noise(self.ln_o1, m, var)
 
     def moment_f(self, a_o1, neuron_gate=None, noise=1.0):
@@ -251,9 +253,11 @@ class Block(nn.Module):
         out = gelu_expectation(self.ffn1(a_o1), var)
         return out if neuron_gate is None else out * neuron_gate
 
-    def moment_o2(self, a_f, a_o1, noise=1.0):
+    def moment_o2(self, a_f, a_o1, noise=1.0, record=None):
         m = self.ffn2(a_f) + a_o1
         var = self.ffn2.variance(noise * spike_variance(a_f)) + noise * spike_variance(a_o1)
+        if record is not None:
+            record.append((m, var))
         return layer_norm_with_noise(self.ln_o2, m, var)
 
 
@@ -304,6 +308,9 @@ class SurrogateOutput:
     rates: dict[str, torch.Tensor]
     attention_scores: list[torch.Tensor] | None = None  # per block [B, h, N, N], pre-softmax
     hidden_states: list[torch.Tensor] | None = None  # embedding + every block's O2 rate [B, N, D]
+    # moments=True: (mean input, per-feature noise variance) of every per-step LayerNorm, O1 and
+    # O2 of each block, [1, B, N, D] each
+    layer_norm_inputs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class _Recorder:
@@ -643,6 +650,7 @@ class SpikingBert(nn.Module):
 
         x = rate(0, "emb", E[None])
         hidden = [x[0]] if output_hidden_states else None
+        ln_inputs = [] if moments else None
         scores_out = [] if output_attention_scores else None
         for l, (block, (hg, ng)) in enumerate(
             zip(self.layers, self.gates(head_mask, neuron_mask), strict=True)
@@ -653,9 +661,9 @@ class SpikingBert(nn.Module):
             if moments:
                 current, scores = block.moment_a(x, a_k, a_v, mask_add, hg, noise)
                 a_a = rate(i + 2, f"{l}.A", current)
-                a_o1 = rate(i + 3, f"{l}.O1", block.moment_o1(a_a, x, noise))
+                a_o1 = rate(i + 3, f"{l}.O1", block.moment_o1(a_a, x, noise, ln_inputs))
                 a_f = rate(i + 4, f"{l}.F", block.moment_f(a_o1, ng, noise))
-                x = rate(i + 5, f"{l}.O2", block.moment_o2(a_f, a_o1, noise))
+                x = rate(i + 5, f"{l}.O2", block.moment_o2(a_f, a_o1, noise, ln_inputs))
             else:
                 current, scores = block.current_a(x, a_k, a_v, mask_add, hg, return_scores=True)
                 a_a = rate(i + 2, f"{l}.A", current)
@@ -667,7 +675,7 @@ class SpikingBert(nn.Module):
             if hidden is not None:
                 hidden.append(x[0])
         logits = self.classifier(x[0, :, 0])
-        return SurrogateOutput(logits, rates, scores_out, hidden)
+        return SurrogateOutput(logits, rates, scores_out, hidden, ln_inputs)
 
     # -- pruning support (DESIGN section 3) ------------------------------------------------------
     def freeze_binary(self):

@@ -165,7 +165,7 @@ def test_few_distillation_steps_lower_the_kd_loss(tiny_teacher, moments):
         t_logits, t_hidden, t_scores = taps(b)
         with torch.no_grad():
             rates = student(ids, timesteps=4).rates
-        logits, scores, hidden = module(b, rates, intermediate=True)
+        logits, scores, hidden, _ = module(b, rates, intermediate=True)
         return attention_kd_loss(scores, t_scores, b["attention_mask"]) + hidden_kd_loss(
             hidden, list(t_hidden), b["attention_mask"]
         )

@@ -142,6 +142,54 @@ def test_distill_noise_warmup_ramps_the_noise_scale(tiny_teacher, tmp_path, monk
         distill(args, tiny_teacher, noise_warmup=0.5, **kwargs)  # the rate surrogate has no noise
 
 
+def test_layer_norm_noise_loss_counts_token_dependent_signal_only():
+    """The loss is 0.5 log(1 + noise / signal) per real token; a static per-feature pattern
+    added to every token changes nothing, a larger token-dependent part lowers it, and padded
+    tokens do not count."""
+    from spikeinfer.distill import layer_norm_noise_loss
+
+    g = torch.Generator().manual_seed(0)
+    B, N, D = 2, 5, 16
+    mean = torch.randn(1, B, N, D, generator=g)
+    noise = torch.rand(1, B, N, D, generator=g)
+    mask = torch.ones(B, N, dtype=torch.long)
+    mask[1, 3:] = 0
+    base = layer_norm_noise_loss([(mean, noise)], mask)
+    static = 10 * torch.randn(D, generator=g)
+    torch.testing.assert_close(layer_norm_noise_loss([(mean + static, noise)], mask), base)
+    assert layer_norm_noise_loss([(3 * mean, noise)], mask) < base
+    padded = mean.clone()
+    padded[0, 1, 3:] = 1e3  # a padded token's input
+    real = mask.bool()
+    centred = mean[0] - mean[0][real].mean(0)
+    signal = centred.var(-1, unbiased=False)[real]
+    expected = (0.5 * torch.log1p(noise[0].mean(-1)[real] / (signal + 1e-6))).mean()
+    torch.testing.assert_close(layer_norm_noise_loss([(padded, noise)], mask), expected)
+    # The surrogate hands over every per-step LayerNorm's input: O1 and O2 of each block.
+    model = firing_model(seed=7, binary=True)
+    ids, m, types = batch(seed=4, B=2, N=6, pad_from=(None, 4))
+    out = model.surrogate(ids, m, types, moments=True)
+    assert len(out.layer_norm_inputs) == 2 * model.config.num_layers
+    assert model.surrogate(ids, m, types).layer_norm_inputs is None
+    layer_norm_noise_loss(out.layer_norm_inputs, m).backward()
+    assert model.layers[0].o_proj.weight.grad is not None
+
+
+@needs_glue
+def test_distill_layer_norm_noise_adds_its_loss(tiny_teacher, tmp_path):  # noqa: F811
+    args = tiny_run(tmp_path / "run")
+    kwargs = {"layer_map": [0, 1], "t_conv": 8, "word_embeddings": "teacher"}
+    distill(
+        args, tiny_teacher, stages=["fp-pred"], surrogate="moments", layer_norm_noise=0.1, **kwargs
+    )
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["layer_norm_noise"] == 0.1
+    meta = json.loads((tmp_path / "run" / "fp-pred" / "config.json").read_text())
+    assert meta["provenance"]["layer_norm_noise"] == 0.1
+    with pytest.raises(ValueError, match="layer_norm_noise"):
+        distill(args, tiny_teacher, layer_norm_noise=0.1, **kwargs)
+
+
 @needs_glue
 def test_distill_records_the_surrogate(tiny_teacher, tmp_path):  # noqa: F811
     args = tiny_run(tmp_path / "run")
