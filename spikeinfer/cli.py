@@ -339,6 +339,14 @@ def _add_distill(sub):
         help="with --surrogate moments: add W times the loss on how much the spikes' per-step "
         "noise shrinks each LayerNorm's token-dependent signal (default 0)",
     )
+    p.add_argument(
+        "--pred-hidden",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="prediction stages also train W times the hidden-state KD loss (through the shared "
+        "projection), as DESIGN section 9's prototype did (default 0)",
+    )
     p.set_defaults(func=cmd_distill)
 
 
@@ -377,6 +385,7 @@ def cmd_distill(args) -> int:
         surrogate=args.surrogate,
         noise_warmup=args.noise_warmup,
         layer_norm_noise=args.layer_norm_noise,
+        pred_hidden=args.pred_hidden,
     )
     return 0
 

@@ -443,6 +443,7 @@ def distill(
     surrogate: str = "rate",
     noise_warmup: float = 0.0,
     layer_norm_noise: float = 0.0,
+    pred_hidden: float = 0.0,
 ) -> dict:
     """Run the student stages in order; each writes `<out>/<stage>/` (a spikeinfer checkpoint)
     and is skipped on --resume once finished. `swap_after` is the fraction of every stage's steps
@@ -464,7 +465,9 @@ def distill(
     surrogate's function) to 1 (the spiking model's), so that a solution the rate surrogate finds
     can adapt to the noise instead of being dropped at once. `layer_norm_noise` > 0 adds that
     weight times `layer_norm_noise_loss` (the moments surrogate's per-step LayerNorms' noise
-    against their token-dependent signal) to every stage's loss."""
+    against their token-dependent signal) to every stage's loss. `pred_hidden` > 0 adds that
+    weight times the hidden-state KD loss to the prediction stages' loss (the projection trains
+    with them): DESIGN section 9's prototype trained its 1-bit student on both at once."""
     from .checkpoint import load_checkpoint, save_checkpoint
     from .engine import evaluate, resolve_backend
     from .firing_range import FFN_THRESHOLDS
@@ -487,6 +490,8 @@ def distill(
             f"layer_norm_noise (a loss weight) must be >= 0 and needs --surrogate moments, got "
             f"{layer_norm_noise} with surrogate {surrogate!r}"
         )
+    if not pred_hidden >= 0.0:
+        raise ValueError(f"pred_hidden (a loss weight) must be >= 0, got {pred_hidden}")
     if not 0.0 <= firing_range < 0.5:
         raise ValueError(f"firing_range (a tail quantile) must be in [0, 0.5), got {firing_range}")
     if init is not None and not (Path(init) / "config.json").exists():
@@ -532,6 +537,7 @@ def distill(
         surrogate=surrogate,
         noise_warmup=noise_warmup,
         layer_norm_noise=layer_norm_noise,
+        pred_hidden=pred_hidden,
     )
     results = {}
     for stage in stages:
@@ -585,8 +591,9 @@ def distill(
             backend=stage_backend,
             firing_range_fitted=fitted,
         )
-        # The projection only serves intermediate KD; DDP needs every trainable tensor used.
-        module.proj.requires_grad_(intermediate)
+        # The projection serves hidden-state KD only; DDP needs every trainable tensor used.
+        hidden_kd = intermediate or pred_hidden > 0
+        module.proj.requires_grad_(hidden_kd)
         ddp = torch.nn.parallel.DistributedDataParallel(module) if info.world > 1 else module
         steps = total_steps(args, len(train), info)
         optimizer = torch.optim.AdamW(
@@ -603,6 +610,7 @@ def distill(
             student=student,
             ddp=ddp,
             intermediate=intermediate,
+            hidden_kd=hidden_kd,
             swap_from=swap_from,
             t_index=t_index,
             module=module,
@@ -621,17 +629,21 @@ def distill(
                         b["token_type_ids"],
                         timesteps=args.timesteps,
                     ).rates
-            logits, scores, hidden, ln_inputs = ddp(b, snn_rates, intermediate)
+            logits, scores, hidden, ln_inputs = ddp(b, snn_rates, hidden_kd)
+            if hidden_kd:
+                hid = hidden_kd_loss(hidden, [t_hidden[i] for i in t_index], b["attention_mask"])
             if intermediate:
                 att = attention_kd_loss(
                     scores, t_scores, b["attention_mask"], attention_kd == "centred"
                 )
-                hid = hidden_kd_loss(hidden, [t_hidden[i] for i in t_index], b["attention_mask"])
                 loss = att + hid
                 parts = {"att": att.item(), "hid": hid.item()}
             else:
                 loss = prediction_kd_loss(logits, t_logits, b["labels"], spec.is_regression)
                 parts = {}
+                if hidden_kd:
+                    parts = {"pred": loss.item(), "hid": hid.item()}
+                    loss = loss + pred_hidden * hid
             if layer_norm_noise:
                 ln = layer_norm_noise_loss(ln_inputs, b["attention_mask"])
                 loss = loss + layer_norm_noise * ln
@@ -699,6 +711,7 @@ def distill(
                     "surrogate": surrogate,
                     "noise_warmup": noise_warmup,
                     "layer_norm_noise": layer_norm_noise,
+                    "pred_hidden": pred_hidden,
                 },
                 attachments={PROJECTION_NAME: module.proj.state_dict()},
             )

@@ -373,3 +373,21 @@ def test_projection_carried_through_prediction_stages(tiny_teacher, tmp_path):
     for name, value in trained.items():
         assert torch.equal(passed_on[name], value), name
         assert not torch.equal(fresh[name], value), name
+
+
+@needs_glue
+def test_pred_hidden_trains_the_projection_in_prediction_stages(tiny_teacher, tmp_path):
+    """With pred_hidden > 0 a prediction stage adds the hidden-state KD loss, so its projection
+    trains (without it the projection stays as drawn, frozen); a negative weight is refused."""
+    kwargs = {"layer_map": [0], "t_conv": 8, "word_embeddings": "teacher"}
+    saved = {}
+    for weight in (0.0, 1.0):
+        args = tiny_run(tmp_path / f"run{weight}", lr=1e-2, eval_limit=4)
+        distill(args, tiny_teacher, stages=["fp-pred"], pred_hidden=weight, **kwargs)
+        saved[weight] = torch.load(tmp_path / f"run{weight}" / "fp-pred" / "hidden_projection.pt")
+    # Both runs draw the same fresh projection (same seed, same draws before it): only the run
+    # with the hidden-state loss moves it.
+    for name, value in saved[0.0].items():
+        assert not torch.equal(saved[1.0][name], value), name
+    with pytest.raises(ValueError, match="pred_hidden"):
+        distill(tiny_run(tmp_path / "bad"), tiny_teacher, stages=["fp-pred"], pred_hidden=-1.0)
