@@ -171,6 +171,12 @@ def energy_mj(
     """Estimated energy per example in millijoules: spike-driven ACs at 0.9 pJ plus the
     classifier's MACs at 4.6 pJ (45 nm figures; embedding, LayerNorm and softmax arithmetic are
     not counted, as in the paper)."""
-    acs = rate_weighted_acs(config, head_mask, neuron_mask, rates, seq_len, timesteps)
+    return energy_mj_of_acs(
+        config, rate_weighted_acs(config, head_mask, neuron_mask, rates, seq_len, timesteps)
+    )
+
+
+def energy_mj_of_acs(config: ModelConfig, rate_weighted: float) -> float:
+    """`energy_mj` from an example's `rate_weighted_acs`."""
     macs = config.hidden_size * config.num_labels
-    return (acs * PJ_PER_AC + macs * PJ_PER_MAC) * 1e-9
+    return (rate_weighted * PJ_PER_AC + macs * PJ_PER_MAC) * 1e-9

@@ -580,16 +580,8 @@ def simulate(
             _sequential(model, E, mask_add, gates, weights, rec, seed)
         last = rec.rates[f"{model.config.num_layers - 1}.O2"]
         logits = model.classifier(last[:, 0])
-        asr = {name: _mean_asr(r, valid, mean_asr) for name, r in rec.rates.items()}
+        asr = {name: mean_asr(r, valid) for name, r in rec.rates.items()}
     return SpikingOutput(logits, dict(rec.rates), asr, rec.traces(), dict(rec.steps))
-
-
-def _mean_asr(rate, valid, reference):
-    """`model.mean_asr`, bit for bit. Without padding, rate * 1 is rate and the sum runs over the
-    same values in the same order, so the product (a full copy of the rates) is skipped."""
-    if rate.shape[-1] == 0 or not bool(valid.all()):
-        return reference(rate, valid)
-    return float(rate.sum() / (valid.sum() * rate.shape[-1]))
 
 
 def _neuron(model):

@@ -221,6 +221,7 @@ def evaluate(
     preds, labels, indices = [], [], []
     kept = kept_columns(model)
     dense = pruned = driven = energy = 0.0
+    ac_counts: dict[int, tuple[int, int]] = {}  # by example length: (dense, this model's) ACs
     n_done = 0
     start = time.perf_counter()
     bar = tqdm(
@@ -248,16 +249,20 @@ def evaluate(
             for n_tokens, asr in zip(
                 am.sum(1).tolist(), _example_asr(out.rates, valid, kept), strict=True
             ):
-                dense += cost.dense_ac_count(model.config, n_tokens)
-                pruned += cost.ac_count(
-                    model.config, model.head_mask, model.neuron_mask, table, n_tokens
-                )
-                driven += cost.rate_weighted_acs(
+                if n_tokens not in ac_counts:  # the same for every example of this length
+                    ac_counts[n_tokens] = (
+                        cost.dense_ac_count(model.config, n_tokens),
+                        cost.ac_count(
+                            model.config, model.head_mask, model.neuron_mask, table, n_tokens
+                        ),
+                    )
+                dense += ac_counts[n_tokens][0]
+                pruned += ac_counts[n_tokens][1]
+                example_driven = cost.rate_weighted_acs(
                     model.config, model.head_mask, model.neuron_mask, asr, n_tokens, table
                 )
-                energy += cost.energy_mj(
-                    model.config, model.head_mask, model.neuron_mask, asr, n_tokens, table
-                )
+                driven += example_driven
+                energy += cost.energy_mj_of_acs(model.config, example_driven)
             n_done += len(batch_indices)
             bar.update(len(batch_indices))
             bar.set_postfix(sent_s=f"{n_done / (time.perf_counter() - start):.1f}")

@@ -346,10 +346,13 @@ class _Recorder:
 
 
 def mean_asr(rate: torch.Tensor, valid: torch.Tensor) -> float:
-    """Mean of a [B, N, F] rate tensor over real tokens and all features (0 when F = 0)."""
+    """Mean of a [B, N, F] rate tensor over real tokens and all features (0 when F = 0).
+
+    Features are summed first, so the token mask multiplies [B, N] sums instead of a full-size
+    copy of the rates (this runs for every sublayer of every batch)."""
     if rate.shape[-1] == 0:
         return 0.0
-    return float((rate * valid[..., None]).sum() / (valid.sum() * rate.shape[-1]))
+    return float((rate.sum(-1) * valid).sum() / (valid.sum() * rate.shape[-1]))
 
 
 class SpikingBert(nn.Module):
