@@ -333,18 +333,23 @@ class DistillModule(nn.Module):
         self.moments = moments
         self.noise = 1.0  # the moments surrogate's noise scale (a curriculum sets it per step)
 
-    def forward(self, batch, snn_rates=None, intermediate: bool = False):
+    def forward(
+        self, batch, snn_rates=None, intermediate: bool = False, hidden_states: bool = False
+    ):
+        """`intermediate`: attention scores and projected hidden states for intermediate KD;
+        `hidden_states`: the projected hidden states alone (prediction stages with pred_hidden)."""
+        hidden_states = hidden_states or intermediate
         out = self.student.surrogate(
             batch["input_ids"],
             batch["attention_mask"],
             batch["token_type_ids"],
             snn_rates=snn_rates,
             output_attention_scores=intermediate,
-            output_hidden_states=intermediate,
+            output_hidden_states=hidden_states,
             moments=self.moments,
             noise=self.noise,
         )
-        hidden = [self.proj(h) for h in out.hidden_states] if intermediate else None
+        hidden = [self.proj(h) for h in out.hidden_states] if hidden_states else None
         return out.logits, out.attention_scores, hidden, out.layer_norm_inputs
 
 
@@ -629,7 +634,7 @@ def distill(
                         b["token_type_ids"],
                         timesteps=args.timesteps,
                     ).rates
-            logits, scores, hidden, ln_inputs = ddp(b, snn_rates, hidden_kd)
+            logits, scores, hidden, ln_inputs = ddp(b, snn_rates, intermediate, hidden_kd)
             if hidden_kd:
                 hid = hidden_kd_loss(hidden, [t_hidden[i] for i in t_index], b["attention_mask"])
             if intermediate:
