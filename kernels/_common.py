@@ -31,7 +31,8 @@ def kernel_device(*tensors: torch.Tensor | None) -> torch.device:
     devices = {t.device for t in tensors if t is not None}
     if len(devices) != 1:
         raise ValueError(
-            f"all kernel operands must be on one device, got {sorted(map(str, devices))}")
+            f"all kernel operands must be on one device, got {sorted(map(str, devices))}"
+        )
     device = devices.pop()
     if device.type == "cuda":
         return device
@@ -39,7 +40,8 @@ def kernel_device(*tensors: torch.Tensor | None) -> torch.device:
         return device
     raise RuntimeError(
         f"Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
-        f"spikeinfer.kernels is imported); got tensors on {device}")
+        f"spikeinfer.kernels is imported); got tensors on {device}"
+    )
 
 
 def check_dtype(name: str, tensor: torch.Tensor, *dtypes: torch.dtype):
@@ -51,7 +53,8 @@ def check_dtype(name: str, tensor: torch.Tensor, *dtypes: torch.dtype):
 def check_shape(name: str, tensor: torch.Tensor, shape: tuple):
     """`shape` entries of None match any size."""
     ok = tensor.dim() == len(shape) and all(
-        want is None or have == want for have, want in zip(tensor.shape, shape, strict=True))
+        want is None or have == want for have, want in zip(tensor.shape, shape, strict=True)
+    )
     if not ok:
         pretty = tuple("*" if s is None else s for s in shape)
         raise ValueError(f"{name} must have shape {pretty}; got {tuple(tensor.shape)}")

@@ -46,14 +46,36 @@ MAX_SEQ_LEN = 512
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, k_keys_ptr, v_keys_ptr, cols_ptr, full_width,
-    mask_ptr, gate_ptr, out_ptr, count_ptr,
-    scale, v_th, leak,
-    T, N, W, d,
-    stride_qt, stride_kt, stride_vt, stride_ot,
-    KV_DRAWN: tl.constexpr, HAS_GATE: tl.constexpr, WRITE_OUT: tl.constexpr,
-    LEAKY: tl.constexpr, FIRE_ON_GE: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    k_keys_ptr,
+    v_keys_ptr,
+    cols_ptr,
+    full_width,
+    mask_ptr,
+    gate_ptr,
+    out_ptr,
+    count_ptr,
+    scale,
+    v_th,
+    leak,
+    T,
+    N,
+    W,
+    d,
+    stride_qt,
+    stride_kt,
+    stride_vt,
+    stride_ot,
+    KV_DRAWN: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    WRITE_OUT: tl.constexpr,
+    LEAKY: tl.constexpr,
+    FIRE_ON_GE: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_KEYS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     head = tl.program_id(1)
     batch = tl.program_id(2)
@@ -119,14 +141,27 @@ def _as_rows(name: str, t: torch.Tensor, T: int, M: int, W: int) -> torch.Tensor
     return t if t.stride(2) == 1 and t.stride(1) == W else t.contiguous()
 
 
-def spiking_attention(q: torch.Tensor, s_k, s_v, mask_add: torch.Tensor, *, batch: int,
-                      head_dim: int, v_th: float = 1.0, leak: float = 1.0,
-                      fire_on_ge: bool = True, gate: torch.Tensor | None = None,
-                      seed: int | None = None, k_stream: int | None = None,
-                      v_stream: int | None = None, cols: torch.Tensor | None = None,
-                      full_width: int | None = None, write_spikes: bool = True,
-                      out_dtype: torch.dtype = torch.int8, block_q: int | None = None,
-                      ) -> tuple[torch.Tensor | None, torch.Tensor]:
+def spiking_attention(
+    q: torch.Tensor,
+    s_k,
+    s_v,
+    mask_add: torch.Tensor,
+    *,
+    batch: int,
+    head_dim: int,
+    v_th: float = 1.0,
+    leak: float = 1.0,
+    fire_on_ge: bool = True,
+    gate: torch.Tensor | None = None,
+    seed: int | None = None,
+    k_stream: int | None = None,
+    v_stream: int | None = None,
+    cols: torch.Tensor | None = None,
+    full_width: int | None = None,
+    write_spikes: bool = True,
+    out_dtype: torch.dtype = torch.int8,
+    block_q: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """A-sublayer spikes from real Q and spiking K, V in token-row layout.
 
     q: float32 [T, B*N, W] with W = heads * head_dim (head h in columns h*d .. h*d+d-1);
@@ -196,20 +231,50 @@ def spiking_attention(q: torch.Tensor, s_k, s_v, mask_add: torch.Tensor, *, batc
     grid = (triton.cdiv(N, block_q), heads, batch)
     fallback = placeholder(device)
     _attention_kernel[grid](
-        q, s_k, s_v, k_keys, v_keys, nonempty(cols_arg), full_width,
-        mask_add.contiguous(), fallback if gate is None else gate.contiguous(),
-        fallback if out is None else out, counts,
-        1.0 / math.sqrt(d), float(v_th), float(leak),
-        T, N, W, d, q.stride(0), stride_kt, stride_vt, M * W,
-        KV_DRAWN=drawn, HAS_GATE=gate is not None, WRITE_OUT=out is not None,
-        LEAKY=float(leak) != 1.0, FIRE_ON_GE=fire_on_ge,
-        BLOCK_Q=block_q, BLOCK_KEYS=block_keys, BLOCK_D=block_d, **launch_options(num_warps))
+        q,
+        s_k,
+        s_v,
+        k_keys,
+        v_keys,
+        nonempty(cols_arg),
+        full_width,
+        mask_add.contiguous(),
+        fallback if gate is None else gate.contiguous(),
+        fallback if out is None else out,
+        counts,
+        1.0 / math.sqrt(d),
+        float(v_th),
+        float(leak),
+        T,
+        N,
+        W,
+        d,
+        q.stride(0),
+        stride_kt,
+        stride_vt,
+        M * W,
+        KV_DRAWN=drawn,
+        HAS_GATE=gate is not None,
+        WRITE_OUT=out is not None,
+        LEAKY=float(leak) != 1.0,
+        FIRE_ON_GE=fire_on_ge,
+        BLOCK_Q=block_q,
+        BLOCK_KEYS=block_keys,
+        BLOCK_D=block_d,
+        **launch_options(num_warps),
+    )
     return out, counts
 
 
-def reference_attention_current(q: torch.Tensor, s_k: torch.Tensor, s_v: torch.Tensor,
-                                mask_add: torch.Tensor, batch: int, head_dim: int,
-                                gate: torch.Tensor | None = None) -> torch.Tensor:
+def reference_attention_current(
+    q: torch.Tensor,
+    s_k: torch.Tensor,
+    s_v: torch.Tensor,
+    mask_add: torch.Tensor,
+    batch: int,
+    head_dim: int,
+    gate: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The A current [T, B*N, W] from the reference ops, for tests (float spikes in)."""
     from spikeinfer.ops import spiking_attention as ref_attention
 

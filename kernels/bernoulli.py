@@ -60,8 +60,17 @@ def step_keys(seed: int, stream: int, steps: int, device) -> torch.Tensor:
 
 
 @triton.jit
-def _bernoulli_kernel(rate_ptr, cols_ptr, keys_ptr, out_ptr, R, C, full_width,
-                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bernoulli_kernel(
+    rate_ptr,
+    cols_ptr,
+    keys_ptr,
+    out_ptr,
+    R,
+    C,
+    full_width,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     t = tl.program_id(2)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -74,9 +83,14 @@ def _bernoulli_kernel(rate_ptr, cols_ptr, keys_ptr, out_ptr, R, C, full_width,
     tl.store(out_ptr + offsets, spikes.to(tl.int8), mask=inside)
 
 
-def bernoulli_spikes(rates: torch.Tensor, seed: int, stream: int, steps: int,
-                     cols: torch.Tensor | None = None,
-                     full_width: int | None = None) -> torch.Tensor:
+def bernoulli_spikes(
+    rates: torch.Tensor,
+    seed: int,
+    stream: int,
+    steps: int,
+    cols: torch.Tensor | None = None,
+    full_width: int | None = None,
+) -> torch.Tensor:
     """int8 spikes [steps, R, C] drawn from float32 `rates` [R, C] for steps 0 .. steps-1.
 
     Column c of row r draws element r * full_width + cols[c] (defaults: cols = arange(C),
@@ -98,6 +112,16 @@ def bernoulli_spikes(rates: torch.Tensor, seed: int, stream: int, steps: int,
     keys = step_keys(seed, stream, steps, device)
     block_r, block_c = 32, 32
     grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c), steps)
-    _bernoulli_kernel[grid](rates, nonempty(cols.to(torch.int32).contiguous()), keys, out, R, C,
-                            full_width, BLOCK_R=block_r, BLOCK_C=block_c, **launch_options())
+    _bernoulli_kernel[grid](
+        rates,
+        nonempty(cols.to(torch.int32).contiguous()),
+        keys,
+        out,
+        R,
+        C,
+        full_width,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        **launch_options(),
+    )
     return out

@@ -37,9 +37,24 @@ def neuron_update(v, current, v_th, leak, LEAKY: tl.constexpr, FIRE_ON_GE: tl.co
 
 
 @triton.jit
-def _if_scan_kernel(cur_ptr, out_ptr, count_ptr, T, M, N, stride_ct, stride_ot, v_th, leak,
-                    CONSTANT: tl.constexpr, WRITE_OUT: tl.constexpr, LEAKY: tl.constexpr,
-                    FIRE_ON_GE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _if_scan_kernel(
+    cur_ptr,
+    out_ptr,
+    count_ptr,
+    T,
+    M,
+    N,
+    stride_ct,
+    stride_ot,
+    v_th,
+    leak,
+    CONSTANT: tl.constexpr,
+    WRITE_OUT: tl.constexpr,
+    LEAKY: tl.constexpr,
+    FIRE_ON_GE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     inside = (rows < M)[:, None] & (cols < N)[None, :]
@@ -63,9 +78,16 @@ def _if_scan_kernel(cur_ptr, out_ptr, count_ptr, T, M, N, stride_ct, stride_ot, 
     tl.store(count_ptr + offsets, count, mask=inside)
 
 
-def if_scan(current: torch.Tensor, v_th: float = 1.0, leak: float = 1.0, *,
-            timesteps: int | None = None, fire_on_ge: bool = True, write_spikes: bool = True,
-            out_dtype: torch.dtype = torch.int8) -> tuple[torch.Tensor | None, torch.Tensor]:
+def if_scan(
+    current: torch.Tensor,
+    v_th: float = 1.0,
+    leak: float = 1.0,
+    *,
+    timesteps: int | None = None,
+    fire_on_ge: bool = True,
+    write_spikes: bool = True,
+    out_dtype: torch.dtype = torch.int8,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Run the neuron over a float32 current; returns (spikes [T, M, N] or None, counts [M, N]).
 
     `current` is [T, M, N], or [M, N] held constant for `timesteps` steps (the embedding neurons).
@@ -75,8 +97,9 @@ def if_scan(current: torch.Tensor, v_th: float = 1.0, leak: float = 1.0, *,
     device = kernel_device(current)
     if timesteps is None:
         if current.dim() != 3:
-            raise ValueError(f"current must be [T, M, N] (or [M, N] with timesteps=); got "
-                             f"{tuple(current.shape)}")
+            raise ValueError(
+                f"current must be [T, M, N] (or [M, N] with timesteps=); got {tuple(current.shape)}"
+            )
         T, M, N = current.shape
         constant = False
     else:
@@ -93,8 +116,22 @@ def if_scan(current: torch.Tensor, v_th: float = 1.0, leak: float = 1.0, *,
     block_m, block_n = 32, 64
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _if_scan_kernel[grid](
-        current, spikes if write_spikes else placeholder(device, out_dtype), counts, T, M, N,
-        0 if constant else current.stride(0), M * N, float(v_th), float(leak),
-        CONSTANT=constant, WRITE_OUT=write_spikes, LEAKY=float(leak) != 1.0,
-        FIRE_ON_GE=fire_on_ge, BLOCK_M=block_m, BLOCK_N=block_n, **launch_options())
+        current,
+        spikes if write_spikes else placeholder(device, out_dtype),
+        counts,
+        T,
+        M,
+        N,
+        0 if constant else current.stride(0),
+        M * N,
+        float(v_th),
+        float(leak),
+        CONSTANT=constant,
+        WRITE_OUT=write_spikes,
+        LEAKY=float(leak) != 1.0,
+        FIRE_ON_GE=fire_on_ge,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        **launch_options(),
+    )
     return spikes, counts

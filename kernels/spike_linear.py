@@ -55,16 +55,42 @@ MAX_LN_WIDTH = 2048  # whole LayerNorm row held by one program
 
 @triton.jit
 def _spike_linear_kernel(
-    x_ptr, x_cols_ptr, x_keys_ptr, x_full_width,
-    w_ptr, alpha_ptr, bias_ptr, gate_ptr,
-    r_ptr, r_keys_ptr, ln_w_ptr, ln_b_ptr, ln_eps, width,
-    out_ptr, count_ptr, v_th, leak,
-    T, M, N, K,
-    stride_xt, stride_rt, stride_ot,
-    X_DRAWN: tl.constexpr, R_DRAWN: tl.constexpr, EPILOGUE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, WRITE_OUT: tl.constexpr,
-    LEAKY: tl.constexpr, FIRE_ON_GE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    x_cols_ptr,
+    x_keys_ptr,
+    x_full_width,
+    w_ptr,
+    alpha_ptr,
+    bias_ptr,
+    gate_ptr,
+    r_ptr,
+    r_keys_ptr,
+    ln_w_ptr,
+    ln_b_ptr,
+    ln_eps,
+    width,
+    out_ptr,
+    count_ptr,
+    v_th,
+    leak,
+    T,
+    M,
+    N,
+    K,
+    stride_xt,
+    stride_rt,
+    stride_ot,
+    X_DRAWN: tl.constexpr,
+    R_DRAWN: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    WRITE_OUT: tl.constexpr,
+    LEAKY: tl.constexpr,
+    FIRE_ON_GE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -107,8 +133,11 @@ def _spike_linear_kernel(
                 x = bernoulli_draw(rate, element, x_key).to(tl.int8)
             else:
                 x = tl.load(x_step_ptr + rows64[:, None] * K + ks[None, :], mask=x_mask, other=0)
-            w = tl.load(w_ptr + cols[None, :] * K + ks[:, None],
-                        mask=col_in[None, :] & k_in[:, None], other=0)
+            w = tl.load(
+                w_ptr + cols[None, :] * K + ks[:, None],
+                mask=col_in[None, :] & k_in[:, None],
+                other=0,
+            )
             acc = tl.dot(x, w, acc)
         current = acc.to(tl.float32) * alpha[None, :]
         if HAS_BIAS:
@@ -122,8 +151,9 @@ def _spike_linear_kernel(
             if R_DRAWN:
                 r_rate = tl.load(r_ptr + r_offsets, mask=inside, other=0.0)
                 r_element = rows.to(tl.uint32)[:, None] * N + cols.to(tl.uint32)[None, :]
-                residual = bernoulli_draw(r_rate, r_element,
-                                          load_step_key(r_keys_ptr, t)).to(tl.float32)
+                residual = bernoulli_draw(r_rate, r_element, load_step_key(r_keys_ptr, t)).to(
+                    tl.float32
+                )
             else:
                 residual = tl.load(r_step_ptr + r_offsets, mask=inside, other=0).to(tl.float32)
             z = tl.where(col_in[None, :], current + residual, 0.0)
@@ -162,8 +192,9 @@ class DrawnSpikes:
     full_width: int | None = None
 
 
-def _blocks(M: int, N: int, K: int, epilogue: str, device: torch.device
-            ) -> tuple[int, int, int, int]:
+def _blocks(
+    M: int, N: int, K: int, epilogue: str, device: torch.device
+) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps). GPU choices are first guesses, not tuned on
     hardware: the time loop lives inside a program, so the grid is only M/BLOCK_M x N/BLOCK_N
     tiles and blocks shrink until there are a few programs per SM."""
@@ -196,15 +227,26 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNTS[device]
 
 
-def spike_linear(x: torch.Tensor | DrawnSpikes, signs: torch.Tensor, alpha: torch.Tensor,
-                 bias: torch.Tensor | None = None, *, epilogue: str = "plain",
-                 timesteps: int | None = None, v_th: float = 1.0, leak: float = 1.0,
-                 fire_on_ge: bool = True, gate: torch.Tensor | None = None,
-                 residual: torch.Tensor | DrawnSpikes | None = None,
-                 ln_weight: torch.Tensor | None = None, ln_bias: torch.Tensor | None = None,
-                 ln_eps: float = 1e-12, write_spikes: bool = True,
-                 out_dtype: torch.dtype = torch.int8, blocks: tuple[int, int, int] | None = None,
-                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def spike_linear(
+    x: torch.Tensor | DrawnSpikes,
+    signs: torch.Tensor,
+    alpha: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    epilogue: str = "plain",
+    timesteps: int | None = None,
+    v_th: float = 1.0,
+    leak: float = 1.0,
+    fire_on_ge: bool = True,
+    gate: torch.Tensor | None = None,
+    residual: torch.Tensor | DrawnSpikes | None = None,
+    ln_weight: torch.Tensor | None = None,
+    ln_bias: torch.Tensor | None = None,
+    ln_eps: float = 1e-12,
+    write_spikes: bool = True,
+    out_dtype: torch.dtype = torch.int8,
+    blocks: tuple[int, int, int] | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Projection of spike trains through 1-bit weights, fused with an epilogue and the neuron.
 
     x: int8 0/1 spikes [T, M, K] (K contiguous), or `DrawnSpikes` (then `timesteps` is required);
@@ -237,8 +279,13 @@ def spike_linear(x: torch.Tensor | DrawnSpikes, signs: torch.Tensor, alpha: torc
             raise ValueError(f"timesteps={timesteps} but x has {T} steps")
     if T < 1:
         raise ValueError(f"timesteps must be >= 1, got {T}")
-    for name, vec in (("alpha", alpha), ("bias", bias), ("gate", gate), ("ln_weight", ln_weight),
-                      ("ln_bias", ln_bias)):
+    for name, vec in (
+        ("alpha", alpha),
+        ("bias", bias),
+        ("gate", gate),
+        ("ln_weight", ln_weight),
+        ("ln_bias", ln_bias),
+    ):
         if vec is not None:
             check_dtype(name, vec, torch.float32)
             check_shape(name, vec, (N,))
@@ -270,8 +317,11 @@ def spike_linear(x: torch.Tensor | DrawnSpikes, signs: torch.Tensor, alpha: torc
         x_full_width = K if x.full_width is None else int(x.full_width)
         stride_xt = 0
     else:
-        x_arg = x_tensor if x_tensor.stride(2) == 1 and x_tensor.stride(1) == K else \
-            x_tensor.contiguous()
+        x_arg = (
+            x_tensor
+            if x_tensor.stride(2) == 1 and x_tensor.stride(1) == K
+            else x_tensor.contiguous()
+        )
         x_cols = x_keys = placeholder(device, torch.int32)
         x_full_width, stride_xt = K, x_arg.stride(0)
     r_drawn = isinstance(residual, DrawnSpikes)
@@ -286,8 +336,11 @@ def spike_linear(x: torch.Tensor | DrawnSpikes, signs: torch.Tensor, alpha: torc
     elif residual is not None:
         check_dtype("residual", residual, torch.int8)
         check_shape("residual", residual, (T, M, N))
-        r_arg = residual if residual.stride(2) == 1 and residual.stride(1) == N else \
-            residual.contiguous()
+        r_arg = (
+            residual
+            if residual.stride(2) == 1 and residual.stride(1) == N
+            else residual.contiguous()
+        )
         stride_rt = r_arg.stride(0)
 
     block_m, block_n, block_k, num_warps = _blocks(M, N, K, epilogue, device)
@@ -298,30 +351,64 @@ def spike_linear(x: torch.Tensor | DrawnSpikes, signs: torch.Tensor, alpha: torc
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     fallback = placeholder(device)
     _spike_linear_kernel[grid](
-        nonempty(x_arg), x_cols, x_keys, x_full_width,
-        nonempty(signs.contiguous()), alpha.contiguous(),
+        nonempty(x_arg),
+        x_cols,
+        x_keys,
+        x_full_width,
+        nonempty(signs.contiguous()),
+        alpha.contiguous(),
         fallback if bias is None else bias.contiguous(),
         fallback if gate is None else gate.contiguous(),
-        r_arg, r_keys,
+        r_arg,
+        r_keys,
         fallback if ln_weight is None else ln_weight.contiguous(),
-        fallback if ln_bias is None else ln_bias.contiguous(), float(ln_eps), float(N),
-        fallback if out is None else out, fallback if counts is None else counts,
-        float(v_th), float(leak), T, M, N, K,
-        stride_xt, stride_rt, M * N,
-        X_DRAWN=drawn, R_DRAWN=r_drawn, EPILOGUE=_EPILOGUE_CODE[epilogue],
-        HAS_BIAS=bias is not None, HAS_GATE=gate is not None, WRITE_OUT=out is not None,
-        LEAKY=float(leak) != 1.0, FIRE_ON_GE=fire_on_ge,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch_options(num_warps))
+        fallback if ln_bias is None else ln_bias.contiguous(),
+        float(ln_eps),
+        float(N),
+        fallback if out is None else out,
+        fallback if counts is None else counts,
+        float(v_th),
+        float(leak),
+        T,
+        M,
+        N,
+        K,
+        stride_xt,
+        stride_rt,
+        M * N,
+        X_DRAWN=drawn,
+        R_DRAWN=r_drawn,
+        EPILOGUE=_EPILOGUE_CODE[epilogue],
+        HAS_BIAS=bias is not None,
+        HAS_GATE=gate is not None,
+        WRITE_OUT=out is not None,
+        LEAKY=float(leak) != 1.0,
+        FIRE_ON_GE=fire_on_ge,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        **launch_options(num_warps),
+    )
     return out, counts
 
 
-def reference_spike_linear(x: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor,
-                           bias: torch.Tensor | None = None, *, epilogue: str = "plain",
-                           v_th: float = 1.0, leak: float = 1.0, fire_on_ge: bool = True,
-                           gate: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                           ln_weight: torch.Tensor | None = None,
-                           ln_bias: torch.Tensor | None = None, ln_eps: float = 1e-12,
-                           return_current: bool = False):
+def reference_spike_linear(
+    x: torch.Tensor,
+    signs: torch.Tensor,
+    alpha: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    epilogue: str = "plain",
+    v_th: float = 1.0,
+    leak: float = 1.0,
+    fire_on_ge: bool = True,
+    gate: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    ln_weight: torch.Tensor | None = None,
+    ln_bias: torch.Tensor | None = None,
+    ln_eps: float = 1e-12,
+    return_current: bool = False,
+):
     """The same computation composed from the pure-torch reference ops (for tests and benches):
     float spikes [T, M, K] and +-1 signs in, (spikes or current [T, M, N], current) out."""
     import torch.nn.functional as F
@@ -335,10 +422,12 @@ def reference_spike_linear(x: torch.Tensor, signs: torch.Tensor, alpha: torch.Te
         if gate is not None:
             current = current * gate
     elif epilogue == "ln":
-        current = F.layer_norm(current + residual.float(), (current.shape[-1],), ln_weight,
-                               ln_bias, ln_eps)
+        current = F.layer_norm(
+            current + residual.float(), (current.shape[-1],), ln_weight, ln_bias, ln_eps
+        )
     if epilogue == "none":
         return (current, current) if return_current else current
-    spikes = if_multistep(current, torch.tensor(v_th, dtype=torch.float32), leak,
-                          fire_on_ge=fire_on_ge)
+    spikes = if_multistep(
+        current, torch.tensor(v_th, dtype=torch.float32), leak, fire_on_ge=fire_on_ge
+    )
     return (spikes, current) if return_current else spikes
