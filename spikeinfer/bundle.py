@@ -50,9 +50,13 @@ def bundle(
     timesteps=DEFAULT_TIMESTEPS,
     batch_size: int = 64,
     limit: int | None = None,
+    fp_run=None,
 ) -> dict:
     """Write `out` (checkpoint + results.json) from `run_dir/<stage>` and return the results.
 
+    The full-precision student reported is the last evaluation of the fp-pred stage in
+    `fp_run`'s log (default `run_dir`): a recipe whose 1-bit student starts from the teacher
+    trains its full-precision counterpart in a run of its own.
     `limit` evaluates only the first examples of the dev set (smoke tests); results.json says so.
     """
     run_dir, out = Path(run_dir), Path(out)
@@ -63,9 +67,17 @@ def bundle(
     teacher = json.loads((Path(teacher_dir) / "teacher_results.json").read_text())
     results = {"task": task, "model": out.name, "t_conv": t_conv, "dev_limit": limit}
     results.update({k: v for k, v in teacher.items() if k.startswith("teacher_")})
-    fp = _last_eval(run_dir / "log.jsonl", "fp-pred")
+    fp_dir = Path(fp_run) if fp_run is not None else run_dir
+    fp = _last_eval(fp_dir / "log.jsonl", "fp-pred")
+    if fp is None and fp_run is not None:
+        raise FileNotFoundError(
+            f"--fp-run {fp_dir}: its log.jsonl has no evaluation of an fp-pred stage; "
+            "run `spikeinfer distill --stages fp-pred` there first"
+        )
     if fp:
         results["fp_student"] = {
+            "run": str(fp_dir),
+            "step": fp["step"],
             "timesteps": fp["timesteps"],
             "snn": fp["snn"],
             "surrogate": fp["surrogate"],

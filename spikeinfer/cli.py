@@ -489,6 +489,11 @@ def _add_bundle(sub):
         "--prune-run", help="prune --out folder: bundle one stage's compacted model"
     )
     p.add_argument("--teacher", help="finetune-teacher --out folder (with --run)")
+    p.add_argument(
+        "--fp-run",
+        help="distill --out folder whose fp-pred stage is reported as the full-precision "
+        "student (with --run; default the --run folder)",
+    )
     p.add_argument("--out", required=True, help="model folder to write (e.g. models/sst2-1bit)")
     p.add_argument(
         "--stage", default=None, help="default: 1bit-pred (--run), temporal-retrain (--prune-run)"
@@ -513,6 +518,11 @@ def cmd_bundle(args) -> int:
     from .bundle import bundle, bundle_pruned
 
     if args.prune_run:
+        if args.fp_run:
+            raise SystemExit(
+                "spikeinfer: error: --fp-run belongs to --run (a distillation run); "
+                "a pruned bundle reports its baseline instead"
+            )
         bundle_pruned(
             args.prune_run,
             args.out,
@@ -535,6 +545,7 @@ def cmd_bundle(args) -> int:
         glue_dir=args.glue_dir,
         backend=args.backend,
         timesteps=timesteps,
+        fp_run=args.fp_run,
     )
     return 0
 

@@ -252,6 +252,10 @@ def test_distill_stages_and_resume(tiny_teacher, tmp_path):
         limit=16,
     )
     assert set(res["student_1bit_by_timesteps"]) == {"1", "8"} and res["teacher_accuracy"] == 50
+    assert res["fp_student"]["run"] == str(tmp_path / "run")
+    (tmp_path / "no-fp").mkdir()
+    with pytest.raises(FileNotFoundError, match="no evaluation of an fp-pred stage"):
+        bundle(tmp_path / "run", tiny_teacher, tmp_path / "x", fp_run=tmp_path / "no-fp")
     again = evaluate(
         load(tmp_path / "sst2-tiny"),
         "sst2",

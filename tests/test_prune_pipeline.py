@@ -156,6 +156,8 @@ def test_bundle_pruned_stage_serves_in_its_mode(run, tmp_path):
     root, out = run
     folder = tmp_path / "sst2-1bit-pruned"
     argv = ["bundle", "--prune-run", str(out), "--out", str(folder), "--glue-dir", str(GLUE)]
+    with pytest.raises(SystemExit, match="--fp-run belongs to --run"):
+        main([*argv, "--fp-run", str(root)])
     assert main([*argv, "--backend", "torch", "--seeds", "2"]) == 0
     results = json.loads((folder / "results.json").read_text())
     stage = json.loads((out / "temporal-retrain" / "metrics.json").read_text())
