@@ -253,9 +253,17 @@ def test_distill_stages_and_resume(tiny_teacher, tmp_path):
     )
     assert set(res["student_1bit_by_timesteps"]) == {"1", "8"} and res["teacher_accuracy"] == 50
     assert res["fp_student"]["run"] == str(tmp_path / "run")
-    (tmp_path / "no-fp").mkdir()
+    # a 1-bit run of its own (no fp-pred stage in its log) reports another run's fp student
+    shutil.copytree(tmp_path / "run" / "1bit-pred", tmp_path / "only-1bit" / "1bit-pred")
+    kw = {"glue_dir": str(GLUE), "backend": "torch", "timesteps": (1,), "limit": 16}
+    alone = bundle(tmp_path / "only-1bit", tiny_teacher, tmp_path / "y", **kw)
+    assert "fp_student" not in alone
+    paired = bundle(
+        tmp_path / "only-1bit", tiny_teacher, tmp_path / "z", fp_run=tmp_path / "run", **kw
+    )
+    assert paired["fp_student"] == res["fp_student"]
     with pytest.raises(FileNotFoundError, match="no evaluation of an fp-pred stage"):
-        bundle(tmp_path / "run", tiny_teacher, tmp_path / "x", fp_run=tmp_path / "no-fp")
+        bundle(tmp_path / "only-1bit", tiny_teacher, tmp_path / "x", fp_run=tmp_path / "only-1bit")
     again = evaluate(
         load(tmp_path / "sst2-tiny"),
         "sst2",
