@@ -256,8 +256,9 @@ def evaluate(
                             model.config, model.head_mask, model.neuron_mask, table, n_tokens
                         ),
                     )
-                dense += ac_counts[n_tokens][0]
-                pruned += ac_counts[n_tokens][1]
+                dense_acs, model_acs = ac_counts[n_tokens]
+                dense += dense_acs
+                pruned += model_acs
                 example_driven = cost.rate_weighted_acs(
                     model.config, model.head_mask, model.neuron_mask, asr, n_tokens, table
                 )
