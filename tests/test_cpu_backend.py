@@ -155,7 +155,7 @@ def test_binary_gemm_empty_input_features():
 
 
 # -- neuron scans -------------------------------------------------------------------------------
-@pytest.mark.parametrize("leak,fire_on_ge", [(1.0, True), (0.9, True), (1.0, False)])
+@pytest.mark.parametrize("leak,fire_on_ge", [(1.0, True), (0.9, True), (1.0, False), (0.9, False)])
 @pytest.mark.parametrize("T,M,N", [(1, 3, 5), (7, 4, 64), (13, 9, 77)])
 def test_neuron_scan_exact(T, M, N, leak, fire_on_ge, kernel_path):
     gen = torch.Generator().manual_seed(T * M * N)
@@ -188,9 +188,10 @@ def _linear_reference(x, signs, alpha, bias, epilogue, residual=None, ln=None, g
     return cur
 
 
+@pytest.mark.parametrize("leak,fire_on_ge", [(1.0, True), (0.9, False)])
 @pytest.mark.parametrize("epilogue", [cb.EPILOGUE_PLAIN, cb.EPILOGUE_GELU, cb.EPILOGUE_LAYERNORM])
 @pytest.mark.parametrize("T,M,K,N", [(1, 1, 1, 1), (5, 7, 65, 33), (4, 23, 300, 130)])
-def test_spike_linear_neuron(T, M, K, N, epilogue, monkeypatch):
+def test_spike_linear_neuron(T, M, K, N, epilogue, leak, fire_on_ge, monkeypatch):
     gen = torch.Generator().manual_seed(T + M + K + N + epilogue)
     x = random_spikes(T, M, K, gen=gen)
     signs, alpha, bias = random_binary(N, K, gen)
@@ -203,12 +204,13 @@ def test_spike_linear_neuron(T, M, K, N, epilogue, monkeypatch):
         gate = (torch.rand(N, generator=gen) < 0.8).float()
         kw = dict(gate=gate)
     ref_current = _linear_reference(x, signs, alpha, bias, epilogue, residual, ln, gate)
-    ref_spikes = if_multistep(ref_current, 0.6)
+    ref_spikes = if_multistep(ref_current, 0.6, leak, fire_on_ge=fire_on_ge)
     xp, wp = cb.pack_spikes(x), cb.pack_signs(signs)
+    neuron = dict(v_th=0.6, leak=leak, fire_on_ge=fire_on_ge)
 
     def run():
         return cb.spike_linear_neuron(
-            xp, wp, K, alpha, bias, epilogue=epilogue, v_th=0.6, return_current=True, **kw
+            xp, wp, K, alpha, bias, epilogue=epilogue, return_current=True, **neuron, **kw
         )
 
     fast, portable = both_paths(run, monkeypatch)
