@@ -302,13 +302,14 @@ def test_bernoulli_pack_matches_rng(K, full, kernel_path):
 
 @pytest.mark.parametrize("K,silent", [(37, 0.5), (200, 0.5), (200, 0.9), (1536, 0.5)])
 def test_bernoulli_pack_with_silent_inputs(K, silent, kernel_path):
-    """Trained models leave about half their neurons silent (rate 0), and the AVX-512 path draws
-    for the live ones only: scattered zeros, whole silent and whole saturated rows, and live
-    elements straddling words still give the reference's spikes."""
+    """Trained models leave about half their inputs silent (rate 0) or saturated (rate 1):
+    scattered zeros and ones, whole silent and whole saturated rows, and drawn elements
+    straddling words give the reference's spikes."""
     gen = torch.Generator().manual_seed(K)
     B, N, full, seed, stream, steps = 2, 9, K + 11, 4, 9, 5
     rates = torch.rand(B, N, K, generator=gen)
     rates[torch.rand(B, N, K, generator=gen) < silent] = 0.0
+    rates[torch.rand(B, N, K, generator=gen) < 0.1] = 1.0
     rates[0, 2] = 0.0
     rates[1, 3] = 1.0
     cols = torch.randperm(full, generator=gen)[:K].sort().values
