@@ -565,7 +565,7 @@ void attend_chunk(const AttentionArgs& a, const AttentionScratch& w, int64_t Sp,
 
 void attention_avx512(const AttentionArgs& a, int64_t begin, int64_t end) {
   const int64_t S = a.S, d = a.head_dim, H = a.heads, HD = H * d;
-  const int64_t group = attention_group_heads(H, d);
+  const int64_t group = a.group_heads;
   const int64_t groups = (H + group - 1) / group;
   const int64_t kw32 = (a.K + 31) / 32;
   const int64_t blocks = (S + 15) / 16, Sp = blocks * 16;

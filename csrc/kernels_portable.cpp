@@ -122,16 +122,22 @@ void linear_neuron_portable(const LinearNeuronArgs& a, int64_t begin, int64_t en
   }
 }
 
-int64_t attention_group_heads(int64_t heads, int64_t head_dim) {
+int64_t attention_group_heads(int64_t heads, int64_t head_dim, int64_t batch, int64_t threads) {
   // Tasks own whole 64-bit words of the packed A output, so a group spans a multiple of 64
-  // columns unless it is the only group.
-  const int64_t per_word = 64 / std::gcd<int64_t>(head_dim, 64);
-  return std::max<int64_t>(1, std::min(heads, per_word));
+  // columns unless it is the only group. Each task transposes its block input and projects its
+  // Q columns step by step, so wider groups (up to 256 columns) share that transposition, as
+  // long as batch * groups leaves every thread four tasks to balance.
+  const int64_t unit = 64 / std::gcd<int64_t>(head_dim, 64);  // heads per whole-word span
+  int64_t group = std::max<int64_t>(1, std::min(heads, unit));
+  while (group < heads && (group + unit) * head_dim <= 256 &&
+         batch * ((heads + group + unit - 1) / (group + unit)) >= 4 * threads)
+    group = std::min(heads, group + unit);
+  return group;
 }
 
 void attention_portable(const AttentionArgs& a, int64_t begin, int64_t end) {
   const int64_t S = a.S, d = a.head_dim, H = a.heads;
-  const int64_t group = attention_group_heads(H, d);
+  const int64_t group = a.group_heads;
   const int64_t groups = (H + group - 1) / group;
   const int64_t HD = H * d;
   std::vector<float> q, scores(S), probs(S), out(d), membrane;

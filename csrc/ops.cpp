@@ -379,8 +379,8 @@ std::tuple<Tensor, Tensor, Tensor> spiking_attention_neuron(
   a.spikes = mutable_words(out_spikes);
   a.rates = rates.mutable_data_ptr<float>();
   a.current = return_current ? current.mutable_data_ptr<float>() : nullptr;
-  const int64_t group = attention_group_heads(heads, d);
-  const int64_t tasks = B * ((heads + group - 1) / group);
+  a.group_heads = attention_group_heads(heads, d, B, at::get_num_threads());
+  const int64_t tasks = B * ((heads + a.group_heads - 1) / a.group_heads);
   const bool avx = use_avx512();
   at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
     if (avx)

@@ -75,6 +75,7 @@ struct AttentionArgs {
   const float* mask_add = nullptr;  // [B, S] additive key mask
   const float* gate = nullptr;      // [H] or null
   int64_t heads = 0, head_dim = 0, nw64 = 0;
+  int64_t group_heads = 1;  // heads per task (attention_group_heads)
   float scale = 1.0f;  // float32(1 / sqrt(head_dim))
   NeuronSpec neuron;
   uint64_t* spikes = nullptr;  // A spikes [T, B*S, nw64], every word written
@@ -110,7 +111,7 @@ void scan_portable(const ScanArgs& a, int64_t begin, int64_t end);
 void scan_avx512(const ScanArgs& a, int64_t begin, int64_t end);
 void bernoulli_portable(const BernoulliArgs& a, int64_t begin, int64_t end);
 void bernoulli_avx512(const BernoulliArgs& a, int64_t begin, int64_t end);
-int64_t attention_group_heads(int64_t heads, int64_t head_dim);
+int64_t attention_group_heads(int64_t heads, int64_t head_dim, int64_t batch, int64_t threads);
 
 // Everything below has internal linkage: each translation unit compiles its own copy for its own
 // target (the AVX-512 unit includes this header after `#pragma GCC target`), so no generic caller

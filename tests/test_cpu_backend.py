@@ -236,6 +236,7 @@ def test_spike_linear_neuron(T, M, K, N, epilogue, leak, fire_on_ge, monkeypatch
         (2, 2, 20, 24, 3),
         (2, 2, 19, 72, 3),  # head 2 straddles a 64-bit word
         (2, 2, 70, 384, 12),
+        (2, 8, 19, 384, 12),  # tasks of 8 heads (256 columns) and a last one of 4
     ],
 )
 @pytest.mark.parametrize("gated", [False, True])
