@@ -438,7 +438,8 @@ struct AttentionScratch {
   float* s_t;          // [S][kChunk*16] scores, then probabilities, of one query chunk
   float* membrane;     // [width][Sp]
   int32_t* counts;     // [width][Sp]
-  uint64_t* bits_t;    // [words][Sp]   A spike words of the group, tokens in lanes
+  uint16_t* fired;     // [blocks][words * 64] A spikes of 16 queries per column of the group
+  int64_t fired_stride;  // words * 64
   uint64_t* v_t;       // [d][key_words] V bits of one head, keys per column
 };
 
@@ -535,7 +536,6 @@ void attend_chunk(const AttentionArgs& a, const AttentionScratch& w, int64_t Sp,
       }
     }
     const int64_t lc = hc + c;  // column within the group
-    const __m512i bit = _mm512_set1_epi64(static_cast<long long>(uint64_t{1} << (lc & 63)));
     for (int bb = 0; bb < NB; ++bb) {
       const int64_t blk = blk0 + bb;
       __m512 cur = gated ? _mm512_mul_ps(acc[bb], gate) : acc[bb];
@@ -552,11 +552,7 @@ void attend_chunk(const AttentionArgs& a, const AttentionScratch& w, int64_t Sp,
       int32_t* cnt = w.counts + lc * Sp + blk * 16;
       const __m512i cv = _mm512_load_si512(cnt);
       _mm512_store_si512(cnt, _mm512_mask_add_epi32(cv, fired, cv, one));
-      uint64_t* wb = w.bits_t + (lc >> 6) * Sp + blk * 16;
-      const __m512i lo = _mm512_load_si512(wb), hi = _mm512_load_si512(wb + 8);
-      _mm512_store_si512(wb, _mm512_mask_or_epi64(lo, static_cast<__mmask8>(fired), lo, bit));
-      _mm512_store_si512(wb + 8,
-                         _mm512_mask_or_epi64(hi, static_cast<__mmask8>(fired >> 8), hi, bit));
+      w.fired[blk * w.fired_stride + lc] = fired;
     }
   }
 }
@@ -577,11 +573,12 @@ void attention_avx512(const AttentionArgs& a, int64_t begin, int64_t end) {
   Scratch<float> q_t(max_width * Sp), s_t(std::max<int64_t>(S, 1) * kChunk * 16),
       membrane(max_width * Sp);
   Scratch<int32_t> counts(max_width * Sp);
-  Scratch<uint64_t> bits_t(words * Sp), v_t(d * key_words);
+  Scratch<uint16_t> fired(blocks * words * 64);
+  Scratch<uint64_t> v_t(d * key_words);
   // Keys padded to a whole group of 8 with zero bits (read as one 512-bit load).
   Scratch<uint64_t> head_bits((S + 7) / 8 * 8);
   for (int64_t j = S; j < (S + 7) / 8 * 8; ++j) head_bits[j] = 0;
-  const AttentionScratch w{q_t.p, s_t.p, membrane.p, counts.p, bits_t.p, v_t.p};
+  const AttentionScratch w{q_t.p, s_t.p, membrane.p, counts.p, fired.p, words * 64, v_t.p};
   const uint32_t tail32 = last_word32_mask(a.K);
 
   for (int64_t task = begin; task < end; ++task) {
@@ -590,6 +587,8 @@ void attention_avx512(const AttentionArgs& a, int64_t begin, int64_t end) {
     const int64_t c0 = h0 * d, width = (h1 - h0) * d, width_words = (width + 63) / 64;
     std::memset(membrane.p, 0, sizeof(float) * max_width * Sp);
     std::memset(counts.p, 0, sizeof(int32_t) * max_width * Sp);
+    // Columns past the group's width stay 0 (every other entry is written at every step).
+    std::memset(fired.p, 0, sizeof(uint16_t) * blocks * words * 64);
     const float* mask = a.mask_add + b * S;
     // This group's Q sign words, padding bits cleared.
     for (int64_t c = 0; c < width; ++c) {
@@ -652,7 +651,6 @@ void attention_avx512(const AttentionArgs& a, int64_t begin, int64_t end) {
           finish(acc, c);
         }
       }
-      std::memset(bits_t.p, 0, sizeof(uint64_t) * words * Sp);
 
       for (int64_t h = h0; h < h1; ++h) {
         const int64_t hc = (h - h0) * d;
@@ -688,10 +686,21 @@ void attention_avx512(const AttentionArgs& a, int64_t begin, int64_t end) {
           }
         }
       }
-      // This task owns whole words [c0 / 64, c0 / 64 + width_words) of every A row.
-      for (int64_t i = 0; i < S; ++i)
-        for (int64_t wd = 0; wd < width_words; ++wd)
-          a.spikes[(row0 + i) * a.nw64 + c0 / 64 + wd] = bits_t[wd * Sp + i];
+      // This task owns whole words [c0 / 64, c0 / 64 + width_words) of every A row. The 64
+      // columns' 16-query masks of a word are 64 x 16 bits in two vectors; testing bit l of all
+      // of them at once (VPTESTMW) gives query l's word.
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        for (int64_t wd = 0; wd < width_words; ++wd) {
+          const uint16_t* f = fired.p + blk * words * 64 + wd * 64;
+          const __m512i lo = _mm512_load_si512(f), hi = _mm512_load_si512(f + 32);
+          for (int64_t l = 0; l < 16 && blk * 16 + l < S; ++l) {
+            const __m512i probe = _mm512_set1_epi16(static_cast<short>(1 << l));
+            const uint64_t word = static_cast<uint64_t>(_mm512_test_epi16_mask(lo, probe)) |
+                                  static_cast<uint64_t>(_mm512_test_epi16_mask(hi, probe)) << 32;
+            a.spikes[(row0 + blk * 16 + l) * a.nw64 + c0 / 64 + wd] = word;
+          }
+        }
+      }
     }
     if (a.rates != nullptr) {
       const float steps = static_cast<float>(a.T);
