@@ -71,13 +71,11 @@ def load_average() -> float:
 def median_ms(fn, repeats: int, warmup=None) -> float:
     """Median wall time of `repeats` calls after warm-up calls (of `warmup` if given): at least
     three and 0.2 s of them, since the first op of a process also starts the thread pool and
-    faults in its buffers (the first GEMM of the tenth session's run measured 1.62 T binary
-    MACs/s after one warm-up call and 2.45 in a run of its own)."""
-    start = time.perf_counter()
-    for i in range(1000):
+    faults in its buffers (one warm-up call left the first GEMM of a run a third slow)."""
+    calls, start = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - start < 0.2:
         (warmup or fn)()
-        if i >= 2 and time.perf_counter() - start >= 0.2:
-            break
+        calls += 1
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -129,16 +129,25 @@ inline __m512i popcount_add(__m512i acc, __m512i x, uint32_t w) {
       acc, _mm512_popcnt_epi32(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(w)))));
 }
 
-// One IF/LIF step on 16 lanes; returns the fired mask and updates v in place.
-inline __mmask16 neuron_step_v(const NeuronSpec& n, __m512 current, __m512& v) {
-  const __m512 h = n.leak == 1.0f
-                       ? _mm512_add_ps(v, current)
-                       : _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(n.leak), v), current);
-  const __m512 th = _mm512_set1_ps(n.v_th);
-  const __mmask16 fired = n.fire_on_ge ? _mm512_cmp_ps_mask(h, th, _CMP_GE_OQ)
-                                       : _mm512_cmp_ps_mask(h, th, _CMP_GT_OQ);
+// One IF/LIF step on 16 lanes, the neuron's leak and comparison fixed at compile time; returns
+// the fired mask and updates v in place.
+template <bool kUnitLeak, bool kFireOnGe>
+inline __mmask16 neuron_step_t(__m512 leak, __m512 th, __m512 current, __m512& v) {
+  const __m512 h = kUnitLeak ? _mm512_add_ps(v, current)
+                             : _mm512_add_ps(_mm512_mul_ps(leak, v), current);
+  const __mmask16 fired = _mm512_cmp_ps_mask(h, th, kFireOnGe ? _CMP_GE_OQ : _CMP_GT_OQ);
   v = _mm512_mask_sub_ps(h, fired, h, th);
   return fired;
+}
+
+// The same with the neuron read at run time (attention's A scan, a step per column and block).
+inline __mmask16 neuron_step_v(const NeuronSpec& n, __m512 current, __m512& v) {
+  const __m512 leak = _mm512_set1_ps(n.leak), th = _mm512_set1_ps(n.v_th);
+  if (n.leak == 1.0f)
+    return n.fire_on_ge ? neuron_step_t<true, true>(leak, th, current, v)
+                        : neuron_step_t<true, false>(leak, th, current, v);
+  return n.fire_on_ge ? neuron_step_t<false, true>(leak, th, current, v)
+                      : neuron_step_t<false, false>(leak, th, current, v);
 }
 
 // ---- binary projection microkernel -----------------------------------------------------------
@@ -244,11 +253,9 @@ inline void scan_groups_t(const NeuronSpec& spec, const float* cur, float* membr
                           _mm512_maskz_loadu_ps(valid, ln->bias + g * 16));
     }
     if (current_out != nullptr) _mm512_mask_storeu_ps(current_out + g * 16, valid, x);
-    __m512 h = _mm512_load_ps(membrane + o);
-    h = kUnitLeak ? _mm512_add_ps(h, x) : _mm512_add_ps(_mm512_mul_ps(leak, h), x);
-    const __mmask16 fired =
-        _mm512_cmp_ps_mask(h, th, kFireOnGe ? _CMP_GE_OQ : _CMP_GT_OQ) & valid;
-    _mm512_store_ps(membrane + o, _mm512_mask_sub_ps(h, fired, h, th));
+    __m512 v = _mm512_load_ps(membrane + o);
+    const __mmask16 fired = neuron_step_t<kUnitLeak, kFireOnGe>(leak, th, x, v) & valid;
+    _mm512_store_ps(membrane + o, v);
     bits16[g] = static_cast<uint16_t>(fired);
     const __m512i c = _mm512_load_si512(counts + o);
     _mm512_store_si512(counts + o, _mm512_mask_add_epi32(c, fired, c, one));
@@ -588,7 +595,7 @@ void attention_avx512(const AttentionArgs& a, int64_t begin, int64_t end) {
     std::memset(membrane.p, 0, sizeof(float) * max_width * Sp);
     std::memset(counts.p, 0, sizeof(int32_t) * max_width * Sp);
     // Columns past the group's width stay 0 (every other entry is written at every step).
-    std::memset(fired.p, 0, sizeof(uint16_t) * blocks * words * 64);
+    std::memset(fired.p, 0, sizeof(uint16_t) * blocks * w.fired_stride);
     const float* mask = a.mask_add + b * S;
     // This group's Q sign words, padding bits cleared.
     for (int64_t c = 0; c < width; ++c) {
@@ -691,7 +698,7 @@ void attention_avx512(const AttentionArgs& a, int64_t begin, int64_t end) {
       // of them at once (VPTESTMW) gives query l's word.
       for (int64_t blk = 0; blk < blocks; ++blk) {
         for (int64_t wd = 0; wd < width_words; ++wd) {
-          const uint16_t* f = fired.p + blk * words * 64 + wd * 64;
+          const uint16_t* f = w.fired + blk * w.fired_stride + wd * 64;
           const __m512i lo = _mm512_load_si512(f), hi = _mm512_load_si512(f + 32);
           for (int64_t l = 0; l < 16 && blk * 16 + l < S; ++l) {
             const __m512i probe = _mm512_set1_epi16(static_cast<short>(1 << l));
