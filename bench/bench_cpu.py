@@ -18,8 +18,9 @@ Measured side by side in one run (DESIGN section 13):
             their time ratios against their ACs % ratios, and the dense model on the first
             sentences of the dev set with cpu and the torch references (the speed-ups).
 
-Every figure is the median of repeats after a warm-up. The CPU may be shared with other work:
-each row records the load average seen before it was measured. Rows go to
+Every figure is the median of repeats after a warm-up; models whose times are compared with each
+other (dense against pruned) run in alternation. The CPU may be shared with other work: each row
+records the load average seen before it was measured. Rows go to
 bench/results/cpu_<date>.json (appended to an existing file of that day).
 
     python bench/bench_cpu.py            # full run (several minutes: torch-step is slow)
@@ -82,6 +83,28 @@ def median_ms(fn, repeats: int, warmup=None) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
+
+
+def interleaved_ms(fns: dict, repeats: int, warmup_calls: int = 3) -> dict[str, list[float]]:
+    """Wall times (ms) of `repeats` rounds in which every function runs once, the order rotated
+    each round, after each function's warm-up (`warmup_calls` calls and 0.2 s). A ratio of two
+    models' times is only as good as their conditions are alike: this VM's speed drifts by tens
+    of percent over minutes (two runs of bench/op_profile.py, a model at a time, minutes apart,
+    put the same models' time-over-AC ratio at 1.31 and 1.12), so models compared with each
+    other are timed in alternation."""
+    for fn in fns.values():
+        calls, start = 0, time.perf_counter()
+        while calls < warmup_calls or time.perf_counter() - start < 0.2:
+            fn()
+            calls += 1
+    labels = list(fns)
+    times = {label: [] for label in labels}
+    for r in range(repeats):
+        for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
+            start = time.perf_counter()
+            fns[label]()
+            times[label].append(1e3 * (time.perf_counter() - start))
+    return times
 
 
 class Report:
@@ -340,42 +363,44 @@ def bench_model(
     small, hm, nm = pruned(model, heads_kept, neurons_kept)
     acs_dense = ac_count(cfg, None, None, T, S)
     acs_pruned = ac_count(cfg, hm, nm, T, S)
-    load = load_average()
-    ms_pruned = median_ms(lambda: run(small, "cpu"), repeats)
-    dense_over_pruned_time = results["cpu"] / ms_pruned
-    # One thread as well: with other work on the machine, a preempted worker stalls every
-    # parallel op for a fixed time, which distorts the ratio of a smaller model more.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    single = {}
-    for label, m in (("cpu, 1 thread", model), ("cpu pruned, 1 thread", small)):
-        load1 = load_average()
-        single[label] = median_ms(lambda m=m: run(m, "cpu"), repeats)
-        report.add(
-            benchmark="model",
-            backend=label,
-            shapes=shapes,
-            ms=round(single[label], 1),
-            sentences_per_s=round(B / single[label] * 1e3, 3),
-            repeats=repeats,
-            load_avg=load1,
-            threads=1,
-            **shapes,
-        )
-    torch.set_num_threads(threads)
     dense_over_pruned_acs = acs_dense / acs_pruned
-    report.add(
-        benchmark="model",
-        backend="cpu pruned",
-        shapes={**shapes, "heads_kept": heads_kept, "neurons_kept": neurons_kept},
-        ms=round(ms_pruned, 1),
-        sentences_per_s=round(B / ms_pruned * 1e3, 3),
-        repeats=repeats,
-        load_avg=load,
-        **shapes,
-        heads_kept=heads_kept,
-        neurons_kept=neurons_kept,
-    )
+    # Dense and pruned in alternation, on all threads and on one: with other work on the
+    # machine, a preempted worker stalls every parallel op for a fixed time, which distorts the
+    # ratio of a smaller model more.
+    threads = torch.get_num_threads()
+    pairs = {}
+    for n_threads, dense_label, pruned_label in (
+        (threads, "cpu, interleaved with pruned", "cpu pruned"),
+        (1, "cpu, 1 thread", "cpu pruned, 1 thread"),
+    ):
+        torch.set_num_threads(n_threads)
+        load = load_average()
+        times = interleaved_ms(
+            {dense_label: lambda: run(model, "cpu"), pruned_label: lambda: run(small, "cpu")},
+            repeats,
+        )
+        dense_ms, pruned_ms = (statistics.median(t) for t in times.values())
+        pairs[n_threads] = dense_ms / pruned_ms
+        for label, ms in zip(times, (dense_ms, pruned_ms), strict=True):
+            extra = (
+                {"heads_kept": heads_kept, "neurons_kept": neurons_kept}
+                if label == pruned_label
+                else {}
+            )
+            report.add(
+                benchmark="model",
+                backend=label,
+                shapes={**shapes, **extra},
+                ms=round(ms, 1),
+                sentences_per_s=round(B / ms * 1e3, 3),
+                repeats=repeats,
+                load_avg=load,
+                threads=n_threads,
+                interleaved=True,
+                **shapes,
+                **extra,
+            )
+    torch.set_num_threads(threads)
 
     def speedup(label):
         return round(results[label] / results["cpu"], 2) if label in results else None
@@ -385,15 +410,11 @@ def bench_model(
         "speedup_vs_torch_step_fp32": speedup("torch-step fp32"),
         "speedup_vs_torch_fp32": speedup("torch fp32"),
         "speedup_vs_torch_bf16": speedup("torch bf16"),
-        "dense_over_pruned_time": round(dense_over_pruned_time, 3),
+        "dense_over_pruned_time": round(pairs[threads], 3),
         "dense_over_pruned_acs": round(dense_over_pruned_acs, 3),
-        "pruned_time_over_ac_ratio": round(dense_over_pruned_acs / dense_over_pruned_time, 3),
-        "dense_over_pruned_time_1thread": round(
-            single["cpu, 1 thread"] / single["cpu pruned, 1 thread"], 3
-        ),
-        "pruned_time_over_ac_ratio_1thread": round(
-            dense_over_pruned_acs * single["cpu pruned, 1 thread"] / single["cpu, 1 thread"], 3
-        ),
+        "pruned_time_over_ac_ratio": round(dense_over_pruned_acs / pairs[threads], 3),
+        "dense_over_pruned_time_1thread": round(pairs[1], 3),
+        "pruned_time_over_ac_ratio_1thread": round(dense_over_pruned_acs / pairs[1], 3),
         "prediction_agreement_vs_torch": agree,
         "sublayers_with_identical_rates": rates_equal,
         "mean_asr": asr,
@@ -437,25 +458,39 @@ def bench_sst2(report: Report, glue_dir: Path, ref_limit: int, references: bool 
         return
     # The dense model also runs in the pruned models' mode: sequential mode draws every
     # sublayer's input spikes (Bernoulli, not counted in ACs), so pruned-vs-dense within one
-    # mode separates the kernels' scaling from the cost of the mode.
-    runs = [(name, None) for name in names] + [("sst2-1bit", "sequential")]
+    # mode separates the kernels' scaling from the cost of the mode. The models are compared
+    # with each other, so they run in alternation (`interleaved_ms`): a warm-up pass each, then
+    # three rounds of every model, the median run of each kept.
+    runs = {name: (load(name), None) for name in names}
+    runs["sst2-1bit sequential"] = (runs["sst2-1bit"][0], "sequential")
+    results = {label: [] for label in runs}
+
+    def evaluation(label):
+        model, mode = runs[label]
+        kw = dict(glue_dir=glue_dir, backend="cpu", mode=mode, progress=False)
+        return lambda: results[label].append(evaluate(model, "sst2", **kw))
+
+    load_before = load_average()
+    interleaved_ms({label: evaluation(label) for label in runs}, repeats=3, warmup_calls=1)
     full = {}
-    for name, mode in runs:
-        r, load_before = timed(load(name), "cpu", mode=mode)
-        full[name if mode is None else f"{name} {mode}"] = r
+    for label, (_, mode) in runs.items():
+        timed_runs = results[label][-3:]  # the warm-up pass is not counted
+        r = full[label] = sorted(timed_runs, key=lambda run: run["wall_s"])[1]
         report.add(
             benchmark="sst2_dev",
             backend="cpu",
-            model=name,
+            model=label.split()[0],
             mode=r["mode"],
             n_examples=r["n_examples"],
             ms=round(1e3 * r["wall_s"], 1),
+            ms_runs=[round(1e3 * t["wall_s"], 1) for t in timed_runs],
             sentences_per_s=round(r["sentences_per_s"], 2),
             accuracy=round(r["accuracy"], 2),
             acs_percent=round(r["acs_percent"], 2),
             latency=round(r["latency"], 2),
             load_avg=load_before,
-            default_for_eval=mode is None and bundled_models().get("sst2") == name,
+            interleaved=True,
+            default_for_eval=mode is None and bundled_models().get("sst2") == label,
         )
     dense, dense_seq = full["sst2-1bit"], full["sst2-1bit sequential"]
     subset = {}
@@ -503,6 +538,11 @@ def bench_sst2(report: Report, glue_dir: Path, ref_limit: int, references: bool 
             time_ratio = full[name]["sentences_per_s"] / base["sentences_per_s"]
             summary[f"dense_over_{key}_time{suffix}"] = round(time_ratio, 3)
             summary[f"{key}_time_over_ac_ratio{suffix}"] = round(acs_ratio / time_ratio, 3)
+        # The same-mode ratio of each round alone (the two runs of a round ran back to back).
+        summary[f"{key}_time_over_ac_ratio_same_mode_rounds"] = [
+            round(acs_ratio * p["wall_s"] / d["wall_s"], 3)
+            for d, p in zip(results["sst2-1bit sequential"][-3:], results[name][-3:], strict=True)
+        ]
     report.add(
         benchmark="sst2_dev_summary",
         backend="cpu",

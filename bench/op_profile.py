@@ -9,7 +9,9 @@ shapes it was given, the way `spikeinfer.cost` counts them (padded tokens includ
     attention   T * B * S * in_features * H*d  (Q)  +  2 * T * B * S^2 * H*d  (scores, P.V)
 
 and reports, per op kind and model, the time, the ACs, ACs per nanosecond, and for the second
-and later models the dense/pruned ratios of time and ACs against the first.
+and later models the dense/pruned ratios of time and ACs against the first. Times are medians of
+`--rounds` evaluations per model, the models run in alternation; the whole-model time is the
+evaluation's batch loop (`wall_s`: loading and tokenising the data are not counted).
 
     G=../shared/data/glue
     python bench/op_profile.py --task sst2 --glue-dir $G --limit 256 --threads 1 \\
@@ -19,6 +21,7 @@ and later models the dense/pruned ratios of time and ACs against the first.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections import defaultdict
 
@@ -82,38 +85,48 @@ class OpTimer:
             setattr(cb, name, original)
 
 
-def profile(model, args) -> dict:
+def profile_once(model, args) -> dict:
+    """One timed dev evaluation: seconds, ACs and calls per op kind, and the evaluation's own
+    wall time (batches only: loading and tokenising the data are not counted)."""
     kwargs = dict(
         glue_dir=args.glue_dir, limit=args.limit, backend="cpu", progress=False, mode=args.mode
     )
-    # Warm-up (extension load, packed-weight cache, allocator) on a few batches, not the whole
-    # measured set again.
-    evaluate(model, args.task, **{**kwargs, "limit": min(args.limit or 64, 64)})
     with OpTimer() as timer:
-        start = time.perf_counter()
         result = evaluate(model, args.task, **kwargs)
-        total = time.perf_counter() - start
+    return {"result": result, "timer": timer}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per op kind, the median over runs of its time, beside its ACs (the same in every run)."""
+    timers = [run["timer"] for run in runs]
+    total = statistics.median(run["result"]["wall_s"] for run in runs)
+    seconds = {
+        kind: statistics.median(t.seconds[kind] for t in timers) for kind in timers[0].seconds
+    }
+    first = timers[0]
     ops = {
         kind: {
-            "calls": timer.calls[kind],
-            "ms": round(timer.seconds[kind] * 1e3, 1),
-            "share": round(timer.seconds[kind] / total, 3),
-            "gacs": round(timer.acs[kind] / 1e9, 3),
-            "acs_per_ns": round(timer.acs[kind] / timer.seconds[kind] / 1e9, 3)
-            if timer.acs[kind]
+            "calls": first.calls[kind],
+            "ms": round(seconds[kind] * 1e3, 1),
+            "share": round(seconds[kind] / total, 3),
+            "gacs": round(first.acs[kind] / 1e9, 3),
+            "acs_per_ns": round(first.acs[kind] / seconds[kind] / 1e9, 3)
+            if first.acs[kind]
             else None,
         }
-        for kind in sorted(timer.seconds)
+        for kind in sorted(seconds)
     }
-    rest = total - sum(timer.seconds.values())
+    rest = total - sum(seconds.values())
     ops["outside the ops (Python, packing, rates)"] = {
         "ms": round(rest * 1e3, 1),
         "share": round(rest / total, 3),
     }
+    result = runs[0]["result"]
     return {
         "metric": {k: v for k, v in result.items() if k in ("accuracy", "f1")},
         "ms": round(total * 1e3, 1),
-        "gacs": round(sum(timer.acs.values()) / 1e9, 3),
+        "ms_runs": [round(run["result"]["wall_s"] * 1e3, 1) for run in runs],
+        "gacs": round(sum(first.acs.values()) / 1e9, 3),
         "ops": ops,
     }
 
@@ -150,14 +163,35 @@ def main(argv=None):
     )
     p.add_argument("--limit", type=int, default=256, help="dev examples (default 256)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="timed evaluations of each model (default 3)"
+    )
     p.add_argument("--out", default=None, help="result file (default bench/results/...)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     models = args.models.split(",")
+    loaded = {path: load_checkpoint(path).eval() for path in models}
+    # Warm-up (extension load, packed-weight cache, allocator) on a few batches of each model.
+    for model in loaded.values():
+        evaluate(
+            model,
+            args.task,
+            glue_dir=args.glue_dir,
+            limit=min(args.limit or 64, 64),
+            backend="cpu",
+            progress=False,
+            mode=args.mode,
+        )
+    # The models run in alternation, round after round, the order rotated: this VM's speed
+    # drifts over minutes, and a model timed while it is slow skews every ratio against it.
+    runs = {path: [] for path in models}
+    for r in range(args.rounds):
+        for path in models[r % len(models) :] + models[: r % len(models)]:
+            runs[path].append(profile_once(loaded[path], args))
     results = {}
     for path in models:
-        results[path] = profile(load_checkpoint(path).eval(), args)
+        results[path] = summarize(runs[path])
         print(f"{path}: {results[path]['ms']} ms, {results[path]['gacs']} G ACs")
         for kind, row in results[path]["ops"].items():
             print(f"  {kind:42s} {row}")
@@ -173,6 +207,7 @@ def main(argv=None):
             "mode": args.mode,
             "limit": args.limit,
             "threads": torch.get_num_threads(),
+            "rounds": args.rounds,
             "kernel_path": cb.isa(),
             "models": results,
             "dense_over": comparisons,

@@ -640,6 +640,23 @@ def test_build_lock_clears_a_killed_builds_baton(tmp_path):
     assert (tmp_path / "spikeinfer.lock").exists()
 
 
+def test_bench_times_compared_models_in_alternation():
+    """bench/bench_cpu.py times the models whose ratio it reports round by round, the order
+    rotated, so a slow minute of the machine falls on all of them alike."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_cpu import interleaved_ms
+
+    calls = []
+    fns = {label: (lambda label=label: calls.append(label)) for label in "abc"}
+    times = interleaved_ms(fns, repeats=4, warmup_calls=1)
+    assert calls[-12:] == list("abcbcacababc")
+    assert {label: len(t) for label, t in times.items()} == {"a": 4, "b": 4, "c": 4}
+    assert all(ms >= 0 for t in times.values() for ms in t)
+
+
 def test_op_profile_counts_the_acs_of_the_cost_model():
     """bench/op_profile.py counts each op call's ACs from its shapes; over a forward pass of a
     pruned model (heads, neurons, per-sublayer timesteps) they add up to spikeinfer.cost's M(h,n,t)
