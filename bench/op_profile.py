@@ -26,6 +26,7 @@ import time
 from collections import defaultdict
 
 import torch
+from bench_cpu import interleaved_ms
 from provenance import save_result
 
 import spikeinfer.cpu_backend as cb
@@ -172,23 +173,19 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     models = args.models.split(",")
     loaded = {path: load_checkpoint(path).eval() for path in models}
-    # Warm-up (extension load, packed-weight cache, allocator) on a few batches of each model.
-    for model in loaded.values():
-        evaluate(
-            model,
-            args.task,
-            glue_dir=args.glue_dir,
-            limit=min(args.limit or 64, 64),
-            backend="cpu",
-            progress=False,
-            mode=args.mode,
-        )
-    # The models run in alternation, round after round, the order rotated: this VM's speed
-    # drifts over minutes, and a model timed while it is slow skews every ratio against it.
+    # The models run in alternation, round after round (bench_cpu.interleaved_ms): this VM's
+    # speed drifts over minutes, and a model timed while it is slow skews every ratio against it.
+    # The first evaluation of each is the warm-up (extension load, packed weights, allocator).
     runs = {path: [] for path in models}
-    for r in range(args.rounds):
-        for path in models[r % len(models) :] + models[: r % len(models)]:
-            runs[path].append(profile_once(loaded[path], args))
+    interleaved_ms(
+        {
+            path: lambda path=path: runs[path].append(profile_once(loaded[path], args))
+            for path in models
+        },
+        repeats=args.rounds,
+        warmup_calls=1,
+    )
+    runs = {path: timed[-args.rounds :] for path, timed in runs.items()}
     results = {}
     for path in models:
         results[path] = summarize(runs[path])
