@@ -69,14 +69,19 @@ def load_average() -> float:
         return float("nan")
 
 
+def warm_up(fn, calls: int = 3) -> None:
+    """Call `fn` at least `calls` times and for 0.2 s: the first op of a process also starts the
+    thread pool and faults in its buffers (one warm-up call left the first GEMM of a run a third
+    slow)."""
+    done, start = 0, time.perf_counter()
+    while done < calls or time.perf_counter() - start < 0.2:
+        fn()
+        done += 1
+
+
 def median_ms(fn, repeats: int, warmup=None) -> float:
-    """Median wall time of `repeats` calls after warm-up calls (of `warmup` if given): at least
-    three and 0.2 s of them, since the first op of a process also starts the thread pool and
-    faults in its buffers (one warm-up call left the first GEMM of a run a third slow)."""
-    calls, start = 0, time.perf_counter()
-    while calls < 3 or time.perf_counter() - start < 0.2:
-        (warmup or fn)()
-        calls += 1
+    """Median wall time of `repeats` calls after `warm_up` (of `warmup` if given)."""
+    warm_up(warmup or fn)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -87,16 +92,13 @@ def median_ms(fn, repeats: int, warmup=None) -> float:
 
 def interleaved_ms(fns: dict, repeats: int, warmup_calls: int = 3) -> dict[str, list[float]]:
     """Wall times (ms) of `repeats` rounds in which every function runs once, the order rotated
-    each round, after each function's warm-up (`warmup_calls` calls and 0.2 s). A ratio of two
+    each round, after each function's `warm_up` (`warmup_calls` calls). A ratio of two
     models' times is only as good as their conditions are alike: this VM's speed drifts by tens
     of percent over minutes (two runs of bench/op_profile.py, a model at a time, minutes apart,
     put the same models' time-over-AC ratio at 1.31 and 1.12), so models compared with each
     other are timed in alternation."""
     for fn in fns.values():
-        calls, start = 0, time.perf_counter()
-        while calls < warmup_calls or time.perf_counter() - start < 0.2:
-            fn()
-            calls += 1
+        warm_up(fn, warmup_calls)
     labels = list(fns)
     times = {label: [] for label in labels}
     for r in range(repeats):
@@ -460,7 +462,8 @@ def bench_sst2(report: Report, glue_dir: Path, ref_limit: int, references: bool 
     # sublayer's input spikes (Bernoulli, not counted in ACs), so pruned-vs-dense within one
     # mode separates the kernels' scaling from the cost of the mode. The models are compared
     # with each other, so they run in alternation (`interleaved_ms`): a warm-up pass each, then
-    # three rounds of every model, the median run of each kept.
+    # `rounds` rounds of every model, the median run of each kept.
+    rounds = 3
     runs = {name: (load(name), None) for name in names}
     runs["sst2-1bit sequential"] = (runs["sst2-1bit"][0], "sequential")
     results = {label: [] for label in runs}
@@ -471,11 +474,12 @@ def bench_sst2(report: Report, glue_dir: Path, ref_limit: int, references: bool 
         return lambda: results[label].append(evaluate(model, "sst2", **kw))
 
     load_before = load_average()
-    interleaved_ms({label: evaluation(label) for label in runs}, repeats=3, warmup_calls=1)
+    interleaved_ms({label: evaluation(label) for label in runs}, repeats=rounds, warmup_calls=1)
+    results = {label: timed[-rounds:] for label, timed in results.items()}  # without the warm-up
     full = {}
     for label, (_, mode) in runs.items():
-        timed_runs = results[label][-3:]  # the warm-up pass is not counted
-        r = full[label] = sorted(timed_runs, key=lambda run: run["wall_s"])[1]
+        timed_runs = results[label]
+        r = full[label] = sorted(timed_runs, key=lambda run: run["wall_s"])[rounds // 2]
         report.add(
             benchmark="sst2_dev",
             backend="cpu",
@@ -541,7 +545,7 @@ def bench_sst2(report: Report, glue_dir: Path, ref_limit: int, references: bool 
         # The same-mode ratio of each round alone (the two runs of a round ran back to back).
         summary[f"{key}_time_over_ac_ratio_same_mode_rounds"] = [
             round(acs_ratio * p["wall_s"] / d["wall_s"], 3)
-            for d, p in zip(results["sst2-1bit sequential"][-3:], results[name][-3:], strict=True)
+            for d, p in zip(results["sst2-1bit sequential"], results[name], strict=True)
         ]
     report.add(
         benchmark="sst2_dev_summary",

@@ -640,14 +640,20 @@ def test_build_lock_clears_a_killed_builds_baton(tmp_path):
     assert (tmp_path / "spikeinfer.lock").exists()
 
 
+def bench_module(name: str):
+    """A script of bench/ imported as a module (they import each other by file name)."""
+    import importlib
+
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module(name)
+
+
 def test_bench_times_compared_models_in_alternation():
     """bench/bench_cpu.py times the models whose ratio it reports round by round, the order
     rotated, so a slow minute of the machine falls on all of them alike."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from bench_cpu import interleaved_ms
+    interleaved_ms = bench_module("bench_cpu").interleaved_ms
 
     calls = []
     fns = {label: (lambda label=label: calls.append(label)) for label in "abc"}
@@ -661,13 +667,9 @@ def test_op_profile_counts_the_acs_of_the_cost_model():
     """bench/op_profile.py counts each op call's ACs from its shapes; over a forward pass of a
     pruned model (heads, neurons, per-sublayer timesteps) they add up to spikeinfer.cost's M(h,n,t)
     for every example at the padded length."""
-    import sys
-    from pathlib import Path
-
     from spikeinfer.cost import ac_count
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from op_profile import OpTimer
+    OpTimer = bench_module("op_profile").OpTimer
 
     model = firing_model(seed=13)
     model.head_mask[0, 1] = 0
