@@ -48,7 +48,8 @@ def _add_eval(sub):
         "--timesteps",
         type=int,
         default=None,
-        help="T for unrolled mode (default: the model's T_conv)",
+        help="T of every sublayer (default: the model's own: T_conv, or a pruned model's "
+        "per-sublayer timesteps in sequential mode)",
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")

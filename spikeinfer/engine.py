@@ -6,6 +6,7 @@ and cannot run raises `BackendUnavailableError` with the reason; nothing falls b
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from . import cost
+from .config import uniform_timesteps
 from .model import BACKENDS, BackendUnavailableError, SpikingBert, mean_asr
 
 
@@ -175,8 +177,9 @@ def evaluate(
 ) -> dict:
     """Evaluate `model` on a GLUE split; returns the DESIGN section 10 result object.
 
-    `mode` defaults to the model's own (`default_mode`). `timesteps` is T for unrolled mode or a
-    per-sublayer list for sequential mode (default the model's). Percentages are 0-100. Under
+    `mode` defaults to the model's own (`default_mode`). `timesteps` is T for unrolled mode; for
+    sequential mode a per-sublayer list or one T for every sublayer (default the model's own),
+    used for this evaluation only. Percentages are 0-100. Under
     torchrun (torch.distributed initialised, world > 1) every process evaluates every world-th
     length bucket and the results are gathered, so each process returns the metrics of the whole
     split; `shard=(rank, world)` selects buckets by hand and returns that shard's result alone.
@@ -210,13 +213,6 @@ def evaluate(
         rank, world = shard
         batches = batches[rank::world]
     device = next(model.parameters()).device
-    if mode == "unrolled":
-        T = model.config.t_conv if timesteps is None else int(timesteps)
-        table = T
-    else:
-        if timesteps is not None:
-            model.set_timesteps(timesteps)
-        table = model.timesteps
 
     preds, labels, indices = [], [], []
     kept = kept_columns(model)
@@ -232,7 +228,7 @@ def evaluate(
         dynamic_ncols=True,
     )
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), _timesteps_for(model, mode, timesteps) as (table, t_emb):
         for batch_indices in batches:
             batch = collate(encoded, batch_indices)
             ids = batch["input_ids"].to(device)
@@ -298,7 +294,7 @@ def evaluate(
         {
             "acs_percent": 100.0 * pruned / dense,
             "normalized_c": driven / dense,
-            "latency": cost.latency(table, None if mode == "unrolled" else model.t_emb),
+            "latency": cost.latency(table, t_emb),
             "energy_mj": energy / max(n_done, 1),
             "sentences_per_s": n_done / wall,
             "wall_s": wall,
@@ -311,6 +307,29 @@ def evaluate(
     if return_predictions:
         result["predictions"] = {"index": np.asarray(indices), "pred": preds_np, "label": labels_np}
     return result
+
+
+@contextlib.contextmanager
+def _timesteps_for(model: SpikingBert, mode: str, timesteps):
+    """Yield the timesteps a run in `mode` uses, (table, t_emb): T and None for unrolled (default
+    T_conv); for sequential the model's per-sublayer lists, or `timesteps` in their place while
+    the run lasts (a list per sublayer, or an int for every sublayer and the embedding neurons),
+    so that an evaluation leaves the caller's model as it found it."""
+    if mode == "unrolled":
+        yield (model.config.t_conv if timesteps is None else int(timesteps)), None
+        return
+    if timesteps is None:
+        yield model.timesteps, model.t_emb
+        return
+    own = (model.timesteps, model.t_emb)
+    if isinstance(timesteps, int):
+        model.set_timesteps(uniform_timesteps(model.config.num_layers, timesteps), t_emb=timesteps)
+    else:
+        model.set_timesteps(timesteps)
+    try:
+        yield model.timesteps, model.t_emb
+    finally:
+        model.timesteps, model.t_emb = own
 
 
 def _world_size() -> int:

@@ -87,6 +87,25 @@ def test_evaluate_pruned_sequential_acs_match_ac_count():
     assert 0 < result["acs_percent"] < 100
 
 
+@needs_glue
+def test_evaluate_sequential_at_given_timesteps_leaves_the_model_alone():
+    model = word_model(3)
+    own = [[2, 3, 4, 5, 6, 7], [4] * 6]
+    model.set_timesteps(own, t_emb=3)
+    run = dict(glue_dir=GLUE, limit=6, mode="sequential", backend="torch", progress=False)
+    uniform = evaluate(model, "sst2", timesteps=5, return_predictions=True, **run)
+    assert model.timesteps == own and model.t_emb == 3
+    assert uniform["latency"] == 5.0
+    # an int is every sublayer and the embedding neurons at that T
+    model.set_timesteps([[5] * 6, [5] * 6], t_emb=5)
+    explicit = evaluate(model, "sst2", return_predictions=True, **run)
+    assert (uniform["predictions"]["pred"] == explicit["predictions"]["pred"]).all()
+    assert uniform["normalized_c"] == explicit["normalized_c"]
+    model.set_timesteps(own, t_emb=3)
+    listed = evaluate(model, "sst2", timesteps=[[1] * 6, [2] * 6], **run)
+    assert model.timesteps == own and listed["latency"] == pytest.approx((6 + 12 + 3) / 13)
+
+
 def test_backend_resolution_is_explicit(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend"):
         resolve_backend("gpu-magic")
