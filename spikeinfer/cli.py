@@ -84,6 +84,12 @@ def cmd_eval(args) -> int:
     results = []
     for task, model_name in jobs:
         model = load(model_name, device=args.device)
+        trained_on = getattr(model, "checkpoint_meta", {}).get("task")
+        if trained_on and trained_on != task:
+            raise SystemExit(
+                f"spikeinfer: error: --model {model_name} was trained on {trained_on!r}, not "
+                f"{task!r}; pass --task {trained_on} (or a {task} model)"
+            )
         result = evaluate(
             model,
             task,

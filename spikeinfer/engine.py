@@ -194,6 +194,11 @@ def evaluate(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     spec = get_task(task)
+    if model.config.num_labels != spec.num_labels:
+        raise ValueError(
+            f"the model has {model.config.num_labels} outputs but {spec.name} needs "
+            f"{spec.num_labels}: it was trained for another task"
+        )
     split = spec.resolve_split(split or "dev")
     mode = mode or default_mode(model)
     if backend is not None:

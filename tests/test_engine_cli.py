@@ -142,6 +142,17 @@ def test_cli_eval_json(tmp_path, capsys):
     assert result["n_examples"] == 4 and result["task"] == "sst2"
 
 
+@needs_glue
+def test_a_model_of_another_task_is_refused(tmp_path):
+    path = save_checkpoint(word_model(2), tmp_path / "m", task="mrpc")
+    args = ["eval", "--task", "sst2", "--model", str(path), "--glue-dir", str(GLUE)]
+    with pytest.raises(SystemExit, match="trained on 'mrpc', not 'sst2'; pass --task mrpc"):
+        cli.main([*args, "--limit", "2"])
+    three_way = firing_model(4, vocab_size=30522, max_position_embeddings=128, num_labels=3)
+    with pytest.raises(ValueError, match="3 outputs but sst2 needs 2"):
+        evaluate(three_way, "sst2", glue_dir=GLUE, limit=2, backend="torch", progress=False)
+
+
 def test_cli_errors_are_clear(tmp_path, capsys):
     assert cli.main(["eval", "--task", "sst2", "--model", str(tmp_path / "missing")]) == 2
     assert "no checkpoint folder" in capsys.readouterr().err
