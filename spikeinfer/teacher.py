@@ -40,7 +40,14 @@ def load_teacher(name_or_path: str | None = None, num_labels: int = 2):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = teacher_path(name_or_path)
-    config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+    try:
+        config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"teacher {path!r} is neither a checkpoint folder (with config.json) nor a hub model "
+            f"that can be fetched here ({e}); pass a folder written by `spikeinfer "
+            f"finetune-teacher`, or leave --teacher out for the {DEFAULT_TEACHER} package"
+        ) from e
     if config.model_type != "bert":
         raise ValueError(
             f"teacher {path!r} is a {config.model_type!r} model; spikeinfer "

@@ -21,3 +21,8 @@ def test_non_bert_teacher_is_refused(tmp_path):
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="BERT-architecture"):
         load_teacher(str(tmp_path))
+
+
+def test_missing_teacher_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint folder .* finetune-teacher"):
+        load_teacher(str(tmp_path / "no-such-teacher"))
