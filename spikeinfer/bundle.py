@@ -17,6 +17,7 @@ import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .engine import evaluate
+from .teacher import check_teacher_task
 
 DEFAULT_TIMESTEPS = (1, 2, 4, 8, 16, 32, 64)
 METRIC_KEYS = ("accuracy", "f1", "mcc", "pearson", "spearman")
@@ -64,6 +65,7 @@ def bundle(
     meta = model.checkpoint_meta
     task = meta["task"]
     t_conv = model.config.t_conv
+    check_teacher_task(teacher_dir, task)
     teacher = json.loads((Path(teacher_dir) / "teacher_results.json").read_text())
     results = {"task": task, "model": out.name, "t_conv": t_conv, "dev_limit": limit}
     results.update({k: v for k, v in teacher.items() if k.startswith("teacher_")})

@@ -508,7 +508,7 @@ def distill(
     info = init_distributed(device)
     spec = get_task(args.task)
     out_root = Path(args.out)
-    teacher = _load(str(teacher_dir), spec.num_labels).to(device).eval()
+    teacher = _load(str(teacher_dir), spec.num_labels, task=spec.name).to(device).eval()
     taps = TeacherTaps(teacher, layer_map)
     tokenizer = load_tokenizer(str(teacher_dir))
     train = load_split(spec, "train", args, tokenizer, args.max_length, args.train_limit)

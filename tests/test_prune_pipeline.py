@@ -148,6 +148,12 @@ def test_cli_rejects_bad_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _cli(["prune", "--task", "sst2", "--model", "x", "--out", "o", "--schedule", "nope"])
     assert "unknown schedule" in capsys.readouterr().err
+    teacher = tmp_path / "mrpc-teacher"
+    teacher.mkdir()
+    (teacher / "teacher_results.json").write_text('{"task": "mrpc"}')
+    with pytest.raises(SystemExit):
+        _cli(["prune", "--task", "sst2", "--model", "x", "--out", "o", "--teacher", str(teacher)])
+    assert "fine-tuned on 'mrpc', not 'sst2'" in capsys.readouterr().err
 
 
 def test_bundle_pruned_stage_serves_in_its_mode(run, tmp_path):

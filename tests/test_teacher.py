@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from spikeinfer.teacher import default_teacher_path, load_teacher
+from spikeinfer.teacher import check_teacher_task, default_teacher_path, load_teacher
 
 
 def test_default_teacher_loads_offline_with_task_head(monkeypatch):
@@ -26,3 +26,10 @@ def test_non_bert_teacher_is_refused(tmp_path):
 def test_missing_teacher_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a checkpoint folder .* finetune-teacher"):
         load_teacher(str(tmp_path / "no-such-teacher"))
+
+
+def test_a_teacher_fine_tuned_on_another_task_is_refused(tmp_path):
+    (tmp_path / "teacher_results.json").write_text('{"task": "mrpc", "teacher_accuracy": 80.0}')
+    with pytest.raises(ValueError, match="fine-tuned on 'mrpc', not 'sst2'.*--task sst2"):
+        load_teacher(str(tmp_path), 2, task="sst2")
+    check_teacher_task(tmp_path, "mrpc")  # its own task passes

@@ -114,6 +114,8 @@ def add_prune_parser(subparsers):
 
 
 def prune_args(args):
+    from ..data import get_task
+    from ..teacher import check_teacher_task
     from .schedule import PruneArgs, resolve_schedule
 
     parser = args._parser
@@ -150,6 +152,8 @@ def prune_args(args):
         parser.error(f"--realloc-every must be >= 0, got {args.realloc_every}")
     try:
         resolve_schedule(args.schedule)
+        if args.teacher:
+            check_teacher_task(args.teacher, get_task(args.task).name)
     except ValueError as e:
         parser.error(str(e))
     fields = PruneArgs.__dataclass_fields__

@@ -175,7 +175,8 @@ class Context:
             return None
         from ..teacher import load_teacher
 
-        teacher = load_teacher(self.args.teacher, self.spec.num_labels).to(self.device).eval()
+        teacher = load_teacher(self.args.teacher, self.spec.num_labels, task=self.spec.name)
+        teacher = teacher.to(self.device).eval()
 
         @torch.no_grad()
         def logits(b):
