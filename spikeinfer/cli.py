@@ -63,9 +63,25 @@ def _positive(name, value):
         raise SystemExit(f"spikeinfer: error: --{name} must be >= 1, got {value}")
 
 
+def _load_for_task(model_name, task: str, device):
+    """Load a checkpoint to run on GLUE `task`, refusing one trained on another task."""
+    from .data import get_task
+    from .engine import load
+
+    task = get_task(task).name
+    model = load(model_name, device=device)
+    trained_on = getattr(model, "checkpoint_meta", {}).get("task")
+    if trained_on and trained_on != task:
+        raise SystemExit(
+            f"spikeinfer: error: --model {model_name} was trained on {trained_on!r}, not "
+            f"{task!r}; pass --task {trained_on} (or a {task} model)"
+        )
+    return model
+
+
 def cmd_eval(args) -> int:
     from .data import get_task
-    from .engine import bundled_models, evaluate, load, select_device
+    from .engine import bundled_models, evaluate, select_device
     from .train import init_distributed
 
     _positive("limit", args.limit)
@@ -83,13 +99,7 @@ def cmd_eval(args) -> int:
         jobs = [(task, args.model or bundled_models().get(task) or f"{task}-1bit")]
     results = []
     for task, model_name in jobs:
-        model = load(model_name, device=args.device)
-        trained_on = getattr(model, "checkpoint_meta", {}).get("task")
-        if trained_on and trained_on != task:
-            raise SystemExit(
-                f"spikeinfer: error: --model {model_name} was trained on {trained_on!r}, not "
-                f"{task!r}; pass --task {trained_on} (or a {task} model)"
-            )
+        model = _load_for_task(model_name, task, args.device)
         result = evaluate(
             model,
             task,
@@ -425,12 +435,11 @@ def _add_validate(sub):
 
 
 def cmd_validate(args) -> int:
-    from .engine import load
     from .validate import format_validation, validate
 
     for name in ("limit", "batch_size", "timesteps"):
         _positive(name.replace("_", "-"), getattr(args, name))
-    model = load(args.model, device=args.device)
+    model = _load_for_task(args.model, args.task, args.device)
     result = validate(
         model,
         args.task,
