@@ -118,7 +118,7 @@ def bundle_pruned(
     prune_dir,
     out,
     *,
-    stage: str = "temporal-retrain",
+    stage: str | None = None,
     glue_dir=None,
     backend: str = "auto",
     batch_size: int = 32,
@@ -127,6 +127,9 @@ def bundle_pruned(
 ) -> dict:
     """Write `out` from the compacted model of `prune_dir/<stage>` and return its results.
 
+    The default stage is the two-stage schedule's pruned model: `thresholds` where the run has
+    it, else `temporal-retrain` (runs made before that stage existed); results.json names it.
+
     Sequential-mode draws are keyed by position in the batch, so the measurement is reproduced
     by the same seed and batch size: the default is `spikeinfer eval`'s, and results.json records
     both. A sequential model is a stochastic one, so it is also measured over `seeds` seeds
@@ -134,6 +137,9 @@ def bundle_pruned(
     from .report import collect_runs, prune_commands
 
     prune_dir, out = Path(prune_dir), Path(out)
+    if stage is None:
+        has_thresholds = (prune_dir / "thresholds" / "metrics.json").is_file()
+        stage = "thresholds" if has_thresholds else "temporal-retrain"
     stage_dir = prune_dir / stage
     if not (stage_dir / "metrics.json").is_file():
         raise FileNotFoundError(

@@ -512,7 +512,9 @@ def _add_bundle(sub):
     )
     p.add_argument("--out", required=True, help="model folder to write (e.g. models/sst2-1bit)")
     p.add_argument(
-        "--stage", default=None, help="default: 1bit-pred (--run), temporal-retrain (--prune-run)"
+        "--stage",
+        default=None,
+        help="default: 1bit-pred (--run); thresholds, else temporal-retrain (--prune-run)",
     )
     p.add_argument("--glue-dir", default=None)
     p.add_argument("--backend", default="auto")
@@ -542,7 +544,7 @@ def cmd_bundle(args) -> int:
         bundle_pruned(
             args.prune_run,
             args.out,
-            stage=args.stage or "temporal-retrain",
+            stage=args.stage,
             glue_dir=args.glue_dir,
             backend=args.backend,
             seeds=args.seeds,

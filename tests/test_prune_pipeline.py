@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import firing_model
 
 from spikeinfer import cost
@@ -78,6 +79,13 @@ def test_two_stage_writes_every_stage_and_acs_match_cost_model(run):
         assert metrics["heads_per_layer"] == [int(x) for x in hm.sum(1)]
     post = json.loads((out / "spatial-post" / "metrics.json").read_text())["spatial"]
     assert post["acs"] <= post["budget_acs"]
+    # The thresholds stage learns V_th at the temporal stage's timesteps, which it keeps.
+    temporal = json.loads((out / "temporal-retrain" / "metrics.json").read_text())
+    learned = json.loads((out / "thresholds" / "metrics.json").read_text())
+    assert learned["timesteps"] == temporal["timesteps"] and learned["t_emb"] == temporal["t_emb"]
+    assert learned["acs_percent"] == pytest.approx(temporal["acs_percent"])
+    v_th = {s: load_checkpoint(out / s / "model").v_th for s in ("temporal-retrain", "thresholds")}
+    assert not torch.equal(v_th["temporal-retrain"], v_th["thresholds"])
     adaptive = json.loads((out / "adaptive" / "metrics.json").read_text())
     t_conv = adaptive["t_conv"]
     assert adaptive["latency"] <= max(1.0, 0.16 * t_conv)
@@ -111,10 +119,14 @@ def test_report_tables_and_plots(run):
     two_stage = json.loads((out / "temporal-retrain" / "metrics.json").read_text())
     row = next(line for line in text.splitlines() if line.startswith("| Two-stage |"))
     assert f"{two_stage['accuracy']:.2f}" in row and f"{two_stage['acs_percent']:.2f}" in row
+    learned = json.loads((out / "thresholds" / "metrics.json").read_text())
+    row = next(line for line in text.splitlines() if line.startswith("| + Learned thresholds |"))
+    assert f"{learned['accuracy']:.2f} | {learned['acs_percent']:.2f}" in row
     assert "| Adaptive threshold |" in text and "| Joint retraining | - |" in text
     assert "| sst2 | paper | 86.58 | 85 | 87.27 | 41.53 | 86.58 | 13.04 |" in text
+    # Next to the paper, the pruned model is the thresholds stage (the last before scale-down).
     ours = next(line for line in text.splitlines() if line.startswith("| sst2 | ours |"))
-    assert f"{two_stage['accuracy']:.2f} | {two_stage['acs_percent']:.2f}" in ours
+    assert f"{learned['accuracy']:.2f} | {learned['acs_percent']:.2f}" in ours
     # The listed commands parse back to the arguments the stages recorded.
     commands = [line for line in text.splitlines() if line.startswith("spikeinfer prune ")]
     recorded = {
@@ -166,8 +178,9 @@ def test_bundle_pruned_stage_serves_in_its_mode(run, tmp_path):
         main([*argv, "--fp-run", str(root)])
     assert main([*argv, "--backend", "torch", "--seeds", "2"]) == 0
     results = json.loads((folder / "results.json").read_text())
-    stage = json.loads((out / "temporal-retrain" / "metrics.json").read_text())
-    assert results["stage"] == "temporal-retrain" and results["mode"] == "sequential"
+    # By default the two-stage schedule's pruned model: the thresholds stage.
+    stage = json.loads((out / "thresholds" / "metrics.json").read_text())
+    assert results["stage"] == "thresholds" and results["mode"] == "sequential"
     assert results["baseline"]["acs_percent"] == pytest.approx(100.0)
     assert results["timesteps"] == stage["timesteps"]
     assert any("--schedule two-stage" in c for c in results["commands"])

@@ -92,13 +92,17 @@ def add_prune_parser(subparsers):
         help="adaptive stage: mean timesteps at most this fraction of T_conv",
     )
     tp.add_argument(
-        "--vth-lr", type=float, default=1e-2, help="adaptive stage: learning rate of thresholds"
+        "--vth-lr",
+        type=float,
+        default=1e-2,
+        help="thresholds and adaptive stages: learning rate of thresholds",
     )
     tp.add_argument(
         "--adaptive-activity-eta",
         type=float,
         default=0.0,
-        help="adaptive stage: activity loss weight (the temporal retraining uses --activity-eta)",
+        help="thresholds and adaptive stages: activity loss weight (the temporal retraining "
+        "uses --activity-eta)",
     )
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--eval-limit", type=int, default=None, help="evaluate N dev examples")
