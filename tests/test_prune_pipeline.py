@@ -234,3 +234,18 @@ def test_prune_commands_rebuild_recorded_flags():
         "--adaptive-activity-eta 0.001",
         "spikeinfer prune --task sst2 --model m --out o --schedule adaptive --activity-eta 0.0",
     ]
+
+
+def test_bundle_of_a_run_without_thresholds_stage_takes_temporal_retrain(run, tmp_path):
+    """Runs made before the thresholds stage existed bundle their temporal-retrain model."""
+    import shutil
+
+    from spikeinfer.bundle import bundle_pruned
+
+    _, out = run
+    older = tmp_path / "older"
+    shutil.copytree(out / "temporal-retrain", older / "temporal-retrain")
+    results = bundle_pruned(older, tmp_path / "b", glue_dir=GLUE, backend="torch", limit=8, seeds=1)
+    assert results["stage"] == "temporal-retrain"
+    with pytest.raises(FileNotFoundError, match="includes 'thresholds'"):
+        bundle_pruned(older, tmp_path / "c", stage="thresholds", glue_dir=GLUE, backend="torch")
