@@ -182,8 +182,8 @@ def table_iv(runs: list[Run]) -> str:
 def table_paper(runs: list[Run]) -> str:
     """Ours next to the paper's, per task: baseline, two-stage pruned and adaptive threshold, in
     accuracy (the paper's metric) with the latency and ACs % each row is judged by. The pruned
-    model is the thresholds stage where a run has one (the schedule's last model before the
-    scale-down), else temporal retraining."""
+    model is the thresholds stage where a run has one (the two-stage schedule's pruned model),
+    else temporal retraining (runs made before that stage existed)."""
     header = (
         "| Task | | Baseline acc. | T_conv | Two-stage acc. | ACs % | Adaptive acc. | Latency |"
     )

@@ -3,8 +3,8 @@
 The two-stage pipeline is a chain of stages, each starting from its source stage's model:
 
     baseline -> spatial-post -> spatial-retrain -> temporal-post -> temporal-retrain
-        -> thresholds    (learnable thresholds at the PCA timesteps: the pruned model)
-        -> adaptive      (from temporal-retrain: thresholds with scaled-down timesteps)
+    temporal-retrain -> thresholds   (learnable thresholds at the PCA timesteps: the pruned model)
+    temporal-retrain -> adaptive     (learnable thresholds, timesteps scaled down)
 
 and the tables' comparisons add side branches (Table II: importance ablations, PCA alone; Table
 IV: spatial only, temporal only, joint retraining, sequential = the two-stage chain):
