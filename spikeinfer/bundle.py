@@ -134,12 +134,12 @@ def bundle_pruned(
     by the same seed and batch size: the default is `spikeinfer eval`'s, and results.json records
     both. A sequential model is a stochastic one, so it is also measured over `seeds` seeds
     (mean and standard deviation of each metric)."""
-    from .report import collect_runs, prune_commands
+    from .report import PRUNED_STAGES, collect_runs, prune_commands
 
     prune_dir, out = Path(prune_dir), Path(out)
     if stage is None:
-        has_thresholds = (prune_dir / "thresholds" / "metrics.json").is_file()
-        stage = "thresholds" if has_thresholds else "temporal-retrain"
+        finished = (s for s in PRUNED_STAGES if (prune_dir / s / "metrics.json").is_file())
+        stage = next(finished, PRUNED_STAGES[-1])
     stage_dir = prune_dir / stage
     if not (stage_dir / "metrics.json").is_file():
         raise FileNotFoundError(

@@ -74,6 +74,9 @@ PAPER = {
     "sst2": ((86.58, 85), (87.27, 41.53), (86.58, 13.04)),
     "mrpc": ((75.71, 110), (76.12, 18.19), (74.67, 17.48)),
 }
+# The stage holding a run's two-stage pruned model, first found: runs made before the thresholds
+# stage existed end at temporal retraining.
+PRUNED_STAGES = ("thresholds", "temporal-retrain")
 # Stages drawn in the ASR and timestep plots, in pipeline order.
 PLOT_STAGES = (
     "baseline",
@@ -191,7 +194,7 @@ def table_paper(runs: list[Run]) -> str:
     for run in runs:
         paper = PAPER.get(run.task)
         base, adaptive = (run.lookup((s, None)) for s in ("baseline", "adaptive"))
-        pruned = run.lookup(("thresholds", None)) or run.lookup(("temporal-retrain", None))
+        pruned = next((m for m in (run.lookup((s, None)) for s in PRUNED_STAGES) if m), None)
 
         def get(m, key):
             return None if m is None else m.get(key)

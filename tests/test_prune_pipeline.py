@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -124,7 +125,7 @@ def test_report_tables_and_plots(run):
     assert f"{learned['accuracy']:.2f} | {learned['acs_percent']:.2f}" in row
     assert "| Adaptive threshold |" in text and "| Joint retraining | - |" in text
     assert "| sst2 | paper | 86.58 | 85 | 87.27 | 41.53 | 86.58 | 13.04 |" in text
-    # Next to the paper, the pruned model is the thresholds stage (the last before scale-down).
+    # Next to the paper, the pruned model is the thresholds stage (the two-stage pruned model).
     ours = next(line for line in text.splitlines() if line.startswith("| sst2 | ours |"))
     assert f"{learned['accuracy']:.2f} | {learned['acs_percent']:.2f}" in ours
     # The listed commands parse back to the arguments the stages recorded.
@@ -238,8 +239,6 @@ def test_prune_commands_rebuild_recorded_flags():
 
 def test_bundle_of_a_run_without_thresholds_stage_takes_temporal_retrain(run, tmp_path):
     """Runs made before the thresholds stage existed bundle their temporal-retrain model."""
-    import shutil
-
     from spikeinfer.bundle import bundle_pruned
 
     _, out = run
