@@ -364,6 +364,14 @@ def _add_distill(sub):
         help="prediction stages also train W times the hidden-state KD loss (through the shared "
         "projection), as DESIGN section 9's prototype did (default 0)",
     )
+    p.add_argument(
+        "--vth-lr",
+        type=float,
+        default=0.0,
+        metavar="LR",
+        help="train every sublayer's threshold V_th at this learning rate (0: thresholds stay "
+        "fixed, the default; docs/recipes.md measured 1e-2 on SST-2)",
+    )
     p.set_defaults(func=cmd_distill)
 
 
@@ -403,6 +411,7 @@ def cmd_distill(args) -> int:
         noise_warmup=args.noise_warmup,
         layer_norm_noise=args.layer_norm_noise,
         pred_hidden=args.pred_hidden,
+        vth_lr=args.vth_lr,
     )
     return 0
 

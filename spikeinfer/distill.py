@@ -449,6 +449,7 @@ def distill(
     noise_warmup: float = 0.0,
     layer_norm_noise: float = 0.0,
     pred_hidden: float = 0.0,
+    vth_lr: float = 0.0,
 ) -> dict:
     """Run the student stages in order; each writes `<out>/<stage>/` (a spikeinfer checkpoint)
     and is skipped on --resume once finished. `swap_after` is the fraction of every stage's steps
@@ -472,7 +473,9 @@ def distill(
     weight times `layer_norm_noise_loss` (the moments surrogate's per-step LayerNorms' noise
     against their token-dependent signal) to every stage's loss. `pred_hidden` > 0 adds that
     weight times the hidden-state KD loss to the prediction stages' loss (the projection trains
-    with them): DESIGN section 9's prototype trained its 1-bit student on both at once."""
+    with them): DESIGN section 9's prototype trained its 1-bit student on both at once. `vth_lr`
+    > 0 makes every sublayer's threshold V_th a trained parameter at that learning rate (no
+    weight decay; DESIGN section 8's adaptive thresholds, here at the stage's own timesteps)."""
     from .checkpoint import load_checkpoint, save_checkpoint
     from .engine import evaluate, resolve_backend
     from .firing_range import FFN_THRESHOLDS
@@ -497,6 +500,8 @@ def distill(
         )
     if not pred_hidden >= 0.0:
         raise ValueError(f"pred_hidden (a loss weight) must be >= 0, got {pred_hidden}")
+    if not vth_lr >= 0.0:
+        raise ValueError(f"vth_lr (0: fixed thresholds) must be >= 0, got {vth_lr}")
     if not 0.0 <= firing_range < 0.5:
         raise ValueError(f"firing_range (a tail quantile) must be in [0, 0.5), got {firing_range}")
     if init is not None and not (Path(init) / "config.json").exists():
@@ -543,6 +548,7 @@ def distill(
         noise_warmup=noise_warmup,
         layer_norm_noise=layer_norm_noise,
         pred_hidden=pred_hidden,
+        vth_lr=vth_lr,
     )
     results = {}
     for stage in stages:
@@ -601,9 +607,12 @@ def distill(
         module.proj.requires_grad_(hidden_kd)
         ddp = torch.nn.parallel.DistributedDataParallel(module) if info.world > 1 else module
         steps = total_steps(args, len(train), info)
-        optimizer = torch.optim.AdamW(
-            [q for q in module.parameters() if q.requires_grad], lr=args.lr, weight_decay=0.01
-        )
+        student.v_th.requires_grad_(vth_lr > 0)
+        weights = [q for q in module.parameters() if q.requires_grad and q is not student.v_th]
+        groups = [{"params": weights, "weight_decay": 0.01}]
+        if vth_lr > 0:
+            groups.append({"params": [student.v_th], "lr": vth_lr, "weight_decay": 0.0})
+        optimizer = torch.optim.AdamW(groups, lr=args.lr)
         scheduler = linear_warmup_schedule(optimizer, steps, 0.06)
         swap_from = int(swap_after * steps)
         noise_steps = int(noise_warmup * steps)
@@ -694,6 +703,7 @@ def distill(
         )
         if metrics is None:  # resumed after the last step: nothing was evaluated
             metrics = eval_fn(steps)
+        student.v_th.requires_grad_(False)
         if info.main:
             save_checkpoint(
                 student,
@@ -717,6 +727,7 @@ def distill(
                     "noise_warmup": noise_warmup,
                     "layer_norm_noise": layer_norm_noise,
                     "pred_hidden": pred_hidden,
+                    "vth_lr": vth_lr,
                 },
                 attachments={PROJECTION_NAME: module.proj.state_dict()},
             )

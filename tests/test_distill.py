@@ -403,3 +403,28 @@ def test_pred_hidden_trains_the_projection_in_prediction_stages(tiny_teacher, tm
         assert not torch.equal(saved[1.0][name], value), name
     with pytest.raises(ValueError, match="pred_hidden"):
         distill(tiny_run(tmp_path / "bad"), tiny_teacher, stages=["fp-pred"], pred_hidden=-1.0)
+
+
+@needs_glue
+def test_vth_lr_trains_the_thresholds(tiny_teacher, tmp_path):
+    """With vth_lr > 0 every sublayer's V_th is a trained parameter of the 1-bit stage (and is
+    saved with it); with 0 the thresholds stay at their initial 1.0. A negative rate is refused.
+    (An intermediate stage: its losses reach every sublayer of the tiny random student.)"""
+    from spikeinfer.checkpoint import load_checkpoint
+
+    kwargs = {"layer_map": [0], "t_conv": 8, "word_embeddings": "teacher"}
+    thresholds = {}
+    for vth_lr in (0.0, 0.1):
+        out = tmp_path / f"run{vth_lr}"
+        distill(
+            tiny_run(out, eval_limit=4, timesteps=8),
+            tiny_teacher,
+            stages=["1bit-inter"],
+            vth_lr=vth_lr,
+            **kwargs,
+        )
+        thresholds[vth_lr] = load_checkpoint(out / "1bit-inter").v_th.detach()
+    assert torch.equal(thresholds[0.0], torch.ones_like(thresholds[0.0]))
+    assert (thresholds[0.1] - 1.0).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="vth_lr"):
+        distill(tiny_run(tmp_path / "bad"), tiny_teacher, stages=["1bit-inter"], vth_lr=-1.0)
