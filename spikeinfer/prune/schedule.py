@@ -316,6 +316,17 @@ def _joint_retrain(ctx: Context, model: SpikingBert, stage_dir: Path) -> dict:
     return {"retrain": ctx.retrain(model, stage_dir, cfg, "joint-retrain")}
 
 
+def _threshold_config(ctx: Context) -> RetrainConfig:
+    """The thresholds and adaptive stages' retraining: sequential, V_th learning at --vth-lr,
+    their own activity-loss weight, no PCA reallocation."""
+    return ctx.retrain_config(
+        mode="sequential",
+        train_thresholds=True,
+        activity_eta=ctx.args.adaptive_activity_eta,
+        realloc_every=0,
+    )
+
+
 def _thresholds(ctx: Context, model: SpikingBert, stage_dir: Path) -> dict:
     # The adaptive stage's retraining without its scale-down: the thresholds learn at the PCA
     # timesteps. Measured on SST-2 (docs/recipes.md): 1,800 such steps after the temporal
@@ -323,26 +334,14 @@ def _thresholds(ctx: Context, model: SpikingBert, stage_dir: Path) -> dict:
     # same ACs. Which of its differences from temporal retraining (learned thresholds, no
     # reallocation, more steps) carries the gain is not separated; the activity loss at 1e-3
     # changes nothing measurable (79.14 %).
-    cfg = ctx.retrain_config(
-        mode="sequential",
-        train_thresholds=True,
-        activity_eta=ctx.args.adaptive_activity_eta,
-        realloc_every=0,
-    )
-    return {"retrain": ctx.retrain(model, stage_dir, cfg, "thresholds")}
+    return {"retrain": ctx.retrain(model, stage_dir, _threshold_config(ctx), "thresholds")}
 
 
 def _adaptive(ctx: Context, model: SpikingBert, stage_dir: Path) -> dict:
     target = ctx.args.target_latency * model.config.t_conv
     timesteps, t_emb = temporal.scale_timesteps(model.timesteps, model.t_emb, target)
     model.set_timesteps(timesteps, t_emb)
-    cfg = ctx.retrain_config(
-        mode="sequential",
-        train_thresholds=True,
-        activity_eta=ctx.args.adaptive_activity_eta,
-        realloc_every=0,
-    )
-    summary = ctx.retrain(model, stage_dir, cfg, "adaptive")
+    summary = ctx.retrain(model, stage_dir, _threshold_config(ctx), "adaptive")
     return {"retrain": summary, "target_latency": target}
 
 
