@@ -127,8 +127,9 @@ def bundle_pruned(
 ) -> dict:
     """Write `out` from the compacted model of `prune_dir/<stage>` and return its results.
 
-    The default stage is the two-stage schedule's pruned model: `thresholds` where the run has
-    it, else `temporal-retrain` (runs made before that stage existed); results.json names it.
+    The default stage is the two-stage schedule's pruned model: the first of `noise-alloc`,
+    `thresholds` and `temporal-retrain` the run has (runs made before the later stages existed
+    end at the earlier ones); results.json names it.
 
     Sequential-mode draws are keyed by position in the batch, so the measurement is reproduced
     by the same seed and batch size: the default is `spikeinfer eval`'s, and results.json records

@@ -523,7 +523,8 @@ def _add_bundle(sub):
     p.add_argument(
         "--stage",
         default=None,
-        help="default: 1bit-pred (--run); thresholds, else temporal-retrain (--prune-run)",
+        help="default: 1bit-pred (--run); the first of noise-alloc, thresholds, "
+        "temporal-retrain the run has (--prune-run)",
     )
     p.add_argument("--glue-dir", default=None)
     p.add_argument("--backend", default="auto")

@@ -14,8 +14,11 @@ several runs). Rows map onto stages:
                PCA + retraining          temporal-only-retrain
                Two-stage                 temporal-retrain
                + Learned thresholds      thresholds
-    Table III  Baseline / Pruned / Pruned, learned thresholds / Adaptive threshold
-               = baseline / temporal-retrain / thresholds / adaptive
+               + Noise-aware timesteps   noise-alloc
+    Table III  Baseline / Pruned / Pruned, learned thresholds / Pruned, noise-aware timesteps /
+               Adaptive threshold / Adaptive, noise-aware timesteps
+               = baseline / temporal-retrain / thresholds / noise-alloc / adaptive /
+                 adaptive-alloc
     Table IV   Spatial only / Temporal only / Joint retraining / Sequential
                = spatial-retrain / temporal-only-retrain / joint-retrain / temporal-retrain
 
@@ -52,12 +55,15 @@ TABLE_II = (
     ("PCA + retraining", ("temporal-only-retrain", None)),
     ("Two-stage", ("temporal-retrain", None)),
     ("+ Learned thresholds", ("thresholds", None)),
+    ("+ Noise-aware timesteps", ("noise-alloc", None)),
 )
 TABLE_III = (
     ("Baseline", ("baseline", None)),
     ("Pruned", ("temporal-retrain", None)),
     ("Pruned, learned thresholds", ("thresholds", None)),
+    ("Pruned, noise-aware timesteps", ("noise-alloc", None)),
     ("Adaptive threshold", ("adaptive", None)),
+    ("Adaptive, noise-aware timesteps", ("adaptive-alloc", None)),
 )
 TABLE_IV = (
     ("Spatial only", ("spatial-retrain", None)),
@@ -74,9 +80,10 @@ PAPER = {
     "sst2": ((86.58, 85), (87.27, 41.53), (86.58, 13.04)),
     "mrpc": ((75.71, 110), (76.12, 18.19), (74.67, 17.48)),
 }
-# The stage holding a run's two-stage pruned model, first found: runs made before the thresholds
-# stage existed end at temporal retraining.
-PRUNED_STAGES = ("thresholds", "temporal-retrain")
+# The stages holding a run's two-stage pruned and adaptive models, first found: runs made before
+# the later stages existed end at the earlier ones.
+PRUNED_STAGES = ("noise-alloc", "thresholds", "temporal-retrain")
+ADAPTIVE_STAGES = ("adaptive-alloc", "adaptive")
 # Stages drawn in the ASR and timestep plots, in pipeline order.
 PLOT_STAGES = (
     "baseline",
@@ -84,7 +91,9 @@ PLOT_STAGES = (
     "temporal-post",
     "temporal-retrain",
     "thresholds",
+    "noise-alloc",
     "adaptive",
+    "adaptive-alloc",
 )
 
 
@@ -185,16 +194,16 @@ def table_iv(runs: list[Run]) -> str:
 def table_paper(runs: list[Run]) -> str:
     """Ours next to the paper's, per task: baseline, two-stage pruned and adaptive threshold, in
     accuracy (the paper's metric) with the latency and ACs % each row is judged by. The pruned
-    model is the thresholds stage where a run has one (the two-stage schedule's pruned model),
-    else temporal retraining (runs made before that stage existed)."""
+    and adaptive models are the first stage of PRUNED_STAGES and ADAPTIVE_STAGES a run has."""
     header = (
         "| Task | | Baseline acc. | T_conv | Two-stage acc. | ACs % | Adaptive acc. | Latency |"
     )
     lines = [header, "|" + "---|" * 8]
     for run in runs:
         paper = PAPER.get(run.task)
-        base, adaptive = (run.lookup((s, None)) for s in ("baseline", "adaptive"))
+        base = run.lookup(("baseline", None))
         pruned = next((m for m in (run.lookup((s, None)) for s in PRUNED_STAGES) if m), None)
+        adaptive = next((m for m in (run.lookup((s, None)) for s in ADAPTIVE_STAGES) if m), None)
 
         def get(m, key):
             return None if m is None else m.get(key)

@@ -13,6 +13,7 @@ from helpers import firing_model
 
 from spikeinfer import cost
 from spikeinfer.checkpoint import load_checkpoint, save_checkpoint
+from spikeinfer.config import SUBLAYERS
 from spikeinfer.data import load_glue, load_tokenizer, tokenize
 from spikeinfer.prune.commands import add_prune_parser, add_report_parser, prune_args
 from spikeinfer.prune.schedule import TWO_STAGE
@@ -40,6 +41,7 @@ def _prune(model_dir, out, schedule, *extra):
         + ["--schedule", schedule, "--glue-dir", str(GLUE), "--backend", "torch"]
         + ["--max-steps", "2", "--batch-size", "8", "--timesteps", "4", "--save-every", "1"]
         + ["--fisher-samples", "32", "--fisher-batch-size", "16", "--calib-samples", "16"]
+        + ["--noise-samples", "16"]
         + ["--train-limit", "128", "--eval-limit", str(EVAL_LIMIT), "--budget", "0.5"]
         + list(extra)
     )
@@ -93,6 +95,17 @@ def test_two_stage_writes_every_stage_and_acs_match_cost_model(run):
     assert adaptive["latency"] == pytest.approx(
         cost.latency(adaptive["timesteps"], adaptive["t_emb"])
     )
+    # noise-alloc re-spreads the thresholds model's timesteps at its own ACs (no --acs-target),
+    # adaptive-alloc the adaptive model's at the target latency; neither trains.
+    spread = json.loads((out / "noise-alloc" / "metrics.json").read_text())
+    detail = spread["noise_alloc"]
+    assert detail["cost_after"] <= detail["budget"] == pytest.approx(detail["cost_before"])
+    assert detail["timesteps_before"] == [learned["t_emb"]] + sum(learned["timesteps"], [])
+    assert set(detail["drop"]) == {"emb"} | {f"{l}.{s}" for l in range(2) for s in SUBLAYERS}
+    assert spread["t_emb"] == t_conv  # the embedding neurons cost no ACs
+    assert torch.equal(load_checkpoint(out / "noise-alloc" / "model").v_th, v_th["thresholds"])
+    late = json.loads((out / "adaptive-alloc" / "metrics.json").read_text())
+    assert late["latency"] <= late["noise_alloc"]["budget"] == pytest.approx(0.16 * t_conv)
 
 
 def test_resume_skips_finished_stages_and_single_stage_runs_alone(run):
@@ -125,9 +138,14 @@ def test_report_tables_and_plots(run):
     assert f"{learned['accuracy']:.2f} | {learned['acs_percent']:.2f}" in row
     assert "| Adaptive threshold |" in text and "| Joint retraining | - |" in text
     assert "| sst2 | paper | 86.58 | 85 | 87.27 | 41.53 | 86.58 | 13.04 |" in text
-    # Next to the paper, the pruned model is the thresholds stage (the two-stage pruned model).
+    spread = json.loads((out / "noise-alloc" / "metrics.json").read_text())
+    row = next(line for line in text.splitlines() if line.startswith("| + Noise-aware timesteps |"))
+    assert f"{spread['accuracy']:.2f} | {spread['acs_percent']:.2f}" in row
+    # Next to the paper, the pruned and adaptive models are the noise-aware stages.
+    late = json.loads((out / "adaptive-alloc" / "metrics.json").read_text())
     ours = next(line for line in text.splitlines() if line.startswith("| sst2 | ours |"))
-    assert f"{learned['accuracy']:.2f} | {learned['acs_percent']:.2f}" in ours
+    assert f"{spread['accuracy']:.2f} | {spread['acs_percent']:.2f}" in ours
+    assert ours.endswith(f"| {late['accuracy']:.2f} | {late['latency']:.2f} |")
     # The listed commands parse back to the arguments the stages recorded.
     commands = [line for line in text.splitlines() if line.startswith("spikeinfer prune ")]
     recorded = {
@@ -179,9 +197,9 @@ def test_bundle_pruned_stage_serves_in_its_mode(run, tmp_path):
         main([*argv, "--fp-run", str(root)])
     assert main([*argv, "--backend", "torch", "--seeds", "2"]) == 0
     results = json.loads((folder / "results.json").read_text())
-    # By default the two-stage schedule's pruned model: the thresholds stage.
-    stage = json.loads((out / "thresholds" / "metrics.json").read_text())
-    assert results["stage"] == "thresholds" and results["mode"] == "sequential"
+    # By default the two-stage schedule's pruned model: the noise-alloc stage.
+    stage = json.loads((out / "noise-alloc" / "metrics.json").read_text())
+    assert results["stage"] == "noise-alloc" and results["mode"] == "sequential"
     assert results["baseline"]["acs_percent"] == pytest.approx(100.0)
     assert results["timesteps"] == stage["timesteps"]
     assert any("--schedule two-stage" in c for c in results["commands"])

@@ -104,6 +104,23 @@ def add_prune_parser(subparsers):
         help="thresholds and adaptive stages: activity loss weight (the temporal retraining "
         "uses --activity-eta)",
     )
+    na = p.add_argument_group("noise-aware allocation (noise-alloc, adaptive-alloc)")
+    na.add_argument(
+        "--acs-target",
+        type=float,
+        default=None,
+        help="noise-alloc: ACs of the re-spread timesteps, fraction of dense at T_conv, at the "
+        "calibration examples' mean length (default: the source model's ACs)",
+    )
+    na.add_argument(
+        "--noise-samples", type=int, default=1024, help="training examples the sensitivities use"
+    )
+    na.add_argument(
+        "--noise-floor",
+        type=float,
+        default=0.01,
+        help="least sensitivity a sublayer counts with, fraction of the output error",
+    )
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--eval-limit", type=int, default=None, help="evaluate N dev examples")
     ev.add_argument(
@@ -135,6 +152,7 @@ def prune_args(args):
             "fisher_samples",
             "fisher_batch_size",
             "calib_samples",
+            "noise_samples",
             "train_limit",
             "eval_limit",
             "eval_batch_size",
@@ -150,6 +168,10 @@ def prune_args(args):
         parser.error(f"--base must be > 1, got {args.base}")
     if not 0.0 < args.target_latency <= 1.0:
         parser.error(f"--target-latency must be in (0, 1], got {args.target_latency}")
+    if args.acs_target is not None and not 0.0 < args.acs_target <= 1.0:
+        parser.error(f"--acs-target must be in (0, 1], got {args.acs_target}")
+    if args.noise_floor < 0.0:
+        parser.error(f"--noise-floor must be >= 0, got {args.noise_floor}")
     if not 0.0 <= args.penalty_fraction <= 1.0:
         parser.error(f"--penalty-fraction must be in [0, 1], got {args.penalty_fraction}")
     if args.realloc_every is not None and args.realloc_every < 0:
