@@ -103,8 +103,10 @@ def test_sensitivities_on_the_tiny_model_restore_its_timesteps():
     ids, mask, types = batch(0)
     batches = [{"input_ids": ids, "attention_mask": mask, "token_type_ids": types}]
     before = (model.timesteps, model.t_emb)
-    sens = na.noise_sensitivities(model, batches, seeds=(0, 1))
+    seen = []
+    sens = na.noise_sensitivities(model, batches, seeds=(0, 1), report=lambda *r: seen.append(r))
     assert (model.timesteps, model.t_emb) == before
+    assert seen == list(sens["drop"].items())
     assert list(sens["drop"]) == na.sublayer_names(2)
     assert sens["timesteps"] == na.flatten_timesteps(*before) and sens["error"] > 0
     # Counter-based draws: the measurement is reproducible from its seeds.

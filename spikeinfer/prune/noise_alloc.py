@@ -74,11 +74,13 @@ def noise_sensitivities(
     seeds: Sequence[int] = (0, 1, 2),
     reference_factor: int = 4,
     reference_seeds: Sequence[int] = (1000, 1001),
+    report: Callable[[str, float], None] | None = None,
 ) -> dict:
     """Per sublayer, the output error removed by doubling its timesteps alone.
 
     Returns {"error": E at the model's timesteps, "drop": {name: E - E(t_l doubled)},
-    "timesteps": the flat counts measured at}. The model's timesteps are restored."""
+    "timesteps": the flat counts measured at}; `report(name, drop)` is called as each sublayer
+    is measured. The model's timesteps are restored."""
     if not batches:
         raise ValueError("noise_sensitivities needs at least one calibration batch")
     if reference_factor < 2:
@@ -100,6 +102,8 @@ def noise_sensitivities(
             doubled = list(base)
             doubled[i] *= 2
             drop[name] = base_error - error(doubled)
+            if report is not None:
+                report(name, drop[name])
     finally:
         model.set_timesteps(*saved)
     return {"error": base_error, "drop": drop, "timesteps": base}

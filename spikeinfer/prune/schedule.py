@@ -360,7 +360,11 @@ def _adaptive(ctx: Context, model: SpikingBert, stage_dir: Path) -> dict:
 def _reallocate(ctx: Context, model: SpikingBert, total_cost, budget: float) -> dict:
     model.eval()
     before = noise_alloc.flatten_timesteps(model.timesteps, model.t_emb)
-    sens = noise_alloc.noise_sensitivities(model, ctx.noise_calib)
+    sens = noise_alloc.noise_sensitivities(
+        model,
+        ctx.noise_calib,
+        report=lambda name, drop: ctx.log(event="noise_sensitivity", sublayer=name, drop=drop),
+    )
     flat = noise_alloc.allocate_by_noise(
         sens,
         noise_alloc.step_costs(total_cost, before),
