@@ -9,6 +9,7 @@ from helpers import batch, firing_model
 
 from spikeinfer import cost
 from spikeinfer.prune import noise_alloc as na
+from spikeinfer.prune.temporal import flatten_timesteps, sublayer_names, unflatten_timesteps
 
 
 def _sens(drops, timesteps, error=1.0):
@@ -80,13 +81,13 @@ def test_allocation_is_near_the_integer_optimum():
 
 def test_step_costs_of_the_ac_model():
     model = firing_model(0)
-    flat = na.flatten_timesteps(model.timesteps, model.t_emb)
+    flat = flatten_timesteps(model.timesteps, model.t_emb)
     acs = na.acs_fraction_fn(model, seq_len=7)
     costs = na.step_costs(acs, flat)
     assert costs[0] == 0.0 and all(c > 0 for c in costs[1:])
     # At T_conv everywhere the model is the dense one.
     assert acs(flat) == pytest.approx(1.0)
-    timesteps, t_emb = na.unflatten_timesteps(flat)
+    timesteps, t_emb = unflatten_timesteps(flat)
     assert (timesteps, t_emb) == (model.timesteps, model.t_emb)
     dense = cost.dense_ac_count(model.config, 7)
     more = list(flat)
@@ -107,8 +108,8 @@ def test_sensitivities_on_the_tiny_model_restore_its_timesteps():
     sens = na.noise_sensitivities(model, batches, seeds=(0, 1), report=lambda *r: seen.append(r))
     assert (model.timesteps, model.t_emb) == before
     assert seen == list(sens["drop"].items())
-    assert list(sens["drop"]) == na.sublayer_names(2)
-    assert sens["timesteps"] == na.flatten_timesteps(*before) and sens["error"] > 0
+    assert list(sens["drop"]) == sublayer_names(2)
+    assert sens["timesteps"] == flatten_timesteps(*before) and sens["error"] > 0
     # Counter-based draws: the measurement is reproducible from its seeds.
     assert na.noise_sensitivities(model, batches, seeds=(0, 1)) == sens
     with pytest.raises(ValueError, match="at least one calibration batch"):

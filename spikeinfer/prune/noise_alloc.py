@@ -29,22 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .. import cost
-from ..config import SUBLAYERS
-
-
-def sublayer_names(num_layers: int) -> list[str]:
-    """The flat order of `flatten_timesteps`: the embedding, then K V A O1 F O2 per layer."""
-    return ["emb"] + [f"{l}.{s}" for l in range(num_layers) for s in SUBLAYERS]
-
-
-def flatten_timesteps(timesteps, t_emb: int) -> list[int]:
-    return [int(t_emb)] + [int(t) for row in timesteps for t in row]
-
-
-def unflatten_timesteps(flat: Sequence[int]) -> tuple[list[list[int]], int]:
-    k = len(SUBLAYERS)
-    layers = (len(flat) - 1) // k
-    return [list(flat[1 + k * l : 1 + k * (l + 1)]) for l in range(layers)], int(flat[0])
+from .temporal import flatten_timesteps, sublayer_names, unflatten_timesteps
 
 
 def _logits(model, batches, flat: Sequence[int], seed: int) -> torch.Tensor:

@@ -359,7 +359,7 @@ def _adaptive(ctx: Context, model: SpikingBert, stage_dir: Path) -> dict:
 
 def _reallocate(ctx: Context, model: SpikingBert, total_cost, budget: float) -> dict:
     model.eval()
-    before = noise_alloc.flatten_timesteps(model.timesteps, model.t_emb)
+    before = temporal.flatten_timesteps(model.timesteps, model.t_emb)
     sens = noise_alloc.noise_sensitivities(
         model,
         ctx.noise_calib,
@@ -373,7 +373,7 @@ def _reallocate(ctx: Context, model: SpikingBert, total_cost, budget: float) -> 
         model.config.t_conv,
         ctx.args.noise_floor,
     )
-    model.set_timesteps(*noise_alloc.unflatten_timesteps(flat))
+    model.set_timesteps(*temporal.unflatten_timesteps(flat))
     return {
         "noise_alloc": {
             "budget": budget,
@@ -391,7 +391,7 @@ def _noise_alloc(ctx: Context, model: SpikingBert, stage_dir: Path) -> dict:
     # to 41.73 % ACs went from 79.31 to 79.69 % (10 seeds) with no retraining, where the same
     # ACs spent by scaling every count (x 1.06) gave 79.39.
     acs = noise_alloc.acs_fraction_fn(model, ctx.seq_len)
-    flat = noise_alloc.flatten_timesteps(model.timesteps, model.t_emb)
+    flat = temporal.flatten_timesteps(model.timesteps, model.t_emb)
     target = ctx.args.acs_target if ctx.args.acs_target is not None else acs(flat)
     return _reallocate(ctx, model, acs, target)
 

@@ -99,18 +99,31 @@ def pca_counts(traces: Mapping[str, torch.Tensor], variance: float = 0.99999) ->
     }
 
 
+def sublayer_names(num_layers: int) -> list[str]:
+    """The flat order of `flatten_timesteps`: the embedding, then K V A O1 F O2 per layer."""
+    return ["emb"] + [f"{l}.{s}" for l in range(num_layers) for s in SUBLAYERS]
+
+
+def flatten_timesteps(timesteps, t_emb: int) -> list[int]:
+    return [int(t_emb)] + [int(t) for row in timesteps for t in row]
+
+
+def unflatten_timesteps(flat: Sequence[int]) -> tuple[list[list[int]], int]:
+    k = len(SUBLAYERS)
+    rows = [flat[1 + k * l : 1 + k * (l + 1)] for l in range((len(flat) - 1) // k)]
+    return [[int(t) for t in row] for row in rows], int(flat[0])
+
+
 def allocate_model_timesteps(
     counts: Mapping[str, int], num_layers: int, base: float = 1.02, t_conv: int = 85
 ) -> tuple[list[list[int]], int]:
     """Eq. 10 over every sublayer of the model at once (embedding neurons included), so only the
     most complex sublayer anywhere keeps T_conv. Returns (timesteps [L][6], t_emb)."""
-    names = ["emb"] + [f"{l}.{s}" for l in range(num_layers) for s in SUBLAYERS]
+    names = sublayer_names(num_layers)
     missing = [n for n in names if n not in counts]
     if missing:
         raise ValueError(f"no PCA count for sublayers {missing[:6]}")
-    flat = allocate_timesteps([counts[n] for n in names], base, t_conv)
-    k = len(SUBLAYERS)
-    return [flat[1 + k * l : 1 + k * (l + 1)] for l in range(num_layers)], flat[0]
+    return unflatten_timesteps(allocate_timesteps([counts[n] for n in names], base, t_conv))
 
 
 def temporal_prune(
@@ -133,11 +146,9 @@ def temporal_prune(
 def scale_timesteps(timesteps, t_emb: int, target_latency: float) -> tuple[list[list[int]], int]:
     """Shrink every count by one factor so the mean over sublayers (embedding included) is at
     most `target_latency` (floors, never below 1 step; already-short lists are kept)."""
-    values = [int(t_emb)] + [int(t) for row in timesteps for t in row]
+    values = flatten_timesteps(timesteps, t_emb)
     mean = sum(values) / len(values)
     if mean <= target_latency:
-        return [list(map(int, row)) for row in timesteps], int(t_emb)
+        return unflatten_timesteps(values)
     factor = target_latency / mean
-    scaled = [max(1, math.floor(v * factor)) for v in values]
-    k = len(SUBLAYERS)
-    return [scaled[1 + k * l : 1 + k * (l + 1)] for l in range(len(timesteps))], scaled[0]
+    return unflatten_timesteps([max(1, math.floor(v * factor)) for v in values])
