@@ -25,13 +25,13 @@ def test_sqrt_rule_on_a_hand_computed_case():
     # s_l = 2 t_l drop_l = 8, 32, 8 and c_l = 1, 2, 8: sqrt(s/c) = 2.83, 4, 1, ratio 2.83 : 4 : 1.
     sens = _sens([0.4, 1.6, 0.4], [10, 10, 10])
     costs = [1.0, 2.0, 8.0]
-    flat = na.allocate_by_noise(sens, costs, _linear(costs), budget=100.0, t_conv=1000, floor=0)
+    flat = na.allocate_by_noise(sens, _linear(costs), budget=100.0, t_conv=1000, floor=0)
     assert _linear(costs)(flat) <= 100.0
     lam = 100.0 / (math.sqrt(8) * 1 + 4 * 2 + 1 * 8)
     expected = [lam * math.sqrt(8), lam * 4, lam * 1]
     assert flat == pytest.approx(expected, abs=1.0)
     # Latency budget (every step costs 1): t proportional to sqrt(s).
-    flat = na.allocate_by_noise(sens, [1, 1, 1], na.latency_fn, budget=20.0, t_conv=1000, floor=0)
+    flat = na.allocate_by_noise(sens, na.latency_fn, budget=20.0, t_conv=1000, floor=0)
     assert sum(flat) / 3 <= 20.0
     assert flat[1] / flat[0] == pytest.approx(2.0, rel=0.1) and flat[0] == flat[2]
 
@@ -39,18 +39,20 @@ def test_sqrt_rule_on_a_hand_computed_case():
 def test_budget_caps_floor_and_free_sublayers():
     sens = _sens([1.0, 0.0, -0.5, 0.2], [20, 20, 20, 20], error=10.0)
     costs = [1.0, 1.0, 1.0, 0.0]  # the last costs nothing, as the embedding under an ACs budget
-    flat = na.allocate_by_noise(sens, costs, _linear(costs), budget=60.0, t_conv=40, floor=0.01)
+    flat = na.allocate_by_noise(sens, _linear(costs), budget=60.0, t_conv=40, floor=0.01)
     assert flat[3] == 40 and _linear(costs)(flat) <= 60.0
     assert max(flat) <= 40 and min(flat) >= 1
     # Zero and negative drops count as the floor (1 % of the error), equally.
     assert flat[1] == flat[2] and 1 <= flat[1] < flat[0]
     # Without a floor they would get the least count.
-    bare = na.allocate_by_noise(sens, costs, _linear(costs), budget=60.0, t_conv=40, floor=0.0)
+    bare = na.allocate_by_noise(sens, _linear(costs), budget=60.0, t_conv=40, floor=0.0)
     assert bare[1] == 1
     with pytest.raises(ValueError, match="below the cost of one step"):
-        na.allocate_by_noise(sens, costs, _linear(costs), budget=2.0, t_conv=40)
+        na.allocate_by_noise(sens, _linear(costs), budget=2.0, t_conv=40)
     with pytest.raises(ValueError, match="must agree"):
-        na.allocate_by_noise(sens, costs[:3], _linear(costs), budget=60.0, t_conv=40)
+        na.allocate_by_noise(
+            {**sens, "timesteps": [20, 20, 20]}, _linear(costs[:3]), budget=60.0, t_conv=40
+        )
 
 
 def test_allocation_is_near_the_integer_optimum():
@@ -63,7 +65,7 @@ def test_allocation_is_near_the_integer_optimum():
         base = [8, 8, 8]
         sens = _sens(drops, base, error=1.0)
         budget = 30.0
-        flat = na.allocate_by_noise(sens, costs, _linear(costs), budget, t_conv=24, floor=0)
+        flat = na.allocate_by_noise(sens, _linear(costs), budget, t_conv=24, floor=0)
         s = [2 * t * d for t, d in zip(base, drops, strict=True)]
 
         def objective(ts, s=s):

@@ -96,25 +96,22 @@ def noise_sensitivities(
 
 def allocate_by_noise(
     sensitivities: dict,
-    step_costs: Sequence[float],
     total_cost: Callable[[list[int]], float],
     budget: float,
     t_conv: int,
     floor: float = 0.01,
 ) -> list[int]:
     """Flat counts t_l = lambda sqrt(s_l / c_l) (module docstring) with the largest lambda whose
-    `total_cost(counts)` is at most `budget`. `step_costs` are the c_l in `sublayer_names` order;
-    a zero c_l gets t_conv."""
+    `total_cost(counts)` is at most `budget`; the c_l are what one more step of each sublayer
+    adds to `total_cost` at the measured counts, and a sublayer with c_l = 0 gets t_conv."""
     base = sensitivities["timesteps"]
     names = list(sensitivities["drop"])
-    if len(step_costs) != len(names) or len(base) != len(names):
-        raise ValueError(
-            f"{len(names)} sensitivities, {len(step_costs)} step costs and {len(base)} timesteps "
-            "must agree"
-        )
+    if len(base) != len(names):
+        raise ValueError(f"{len(names)} sensitivities and {len(base)} timesteps must agree")
+    costs = step_costs(total_cost, base)
     least = floor * sensitivities["error"]
     weights = []
-    for name, t, c in zip(names, base, step_costs, strict=True):
+    for name, t, c in zip(names, base, costs, strict=True):
         s = 2.0 * t * max(sensitivities["drop"][name], least)
         weights.append(math.inf if c <= 0 else math.sqrt(s / c))
 
@@ -140,7 +137,7 @@ def allocate_by_noise(
     # error per unit of cost, while they fit.
     while True:
         best, best_gain = None, 0.0
-        for i, (w, c) in enumerate(zip(weights, step_costs, strict=True)):
+        for i, (w, c) in enumerate(zip(weights, costs, strict=True)):
             if flat[i] >= t_conv or c <= 0:
                 continue
             more = flat[:i] + [flat[i] + 1] + flat[i + 1 :]
@@ -168,8 +165,8 @@ def acs_fraction_fn(model, seq_len: float) -> Callable[[list[int]], float]:
 
 
 def latency_fn(flat: list[int]) -> float:
-    """Mean timesteps over sublayers, the embedding included (`cost.latency`)."""
-    return sum(flat) / len(flat)
+    """Mean timesteps over sublayers, the embedding included."""
+    return cost.latency(*unflatten_timesteps(flat))
 
 
 def step_costs(total_cost: Callable[[list[int]], float], flat: Sequence[int]) -> list[float]:

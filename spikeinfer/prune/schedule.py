@@ -366,12 +366,7 @@ def _reallocate(ctx: Context, model: SpikingBert, total_cost, budget: float) -> 
         report=lambda name, drop: ctx.log(event="noise_sensitivity", sublayer=name, drop=drop),
     )
     flat = noise_alloc.allocate_by_noise(
-        sens,
-        noise_alloc.step_costs(total_cost, before),
-        total_cost,
-        budget,
-        model.config.t_conv,
-        ctx.args.noise_floor,
+        sens, total_cost, budget, model.config.t_conv, ctx.args.noise_floor
     )
     model.set_timesteps(*temporal.unflatten_timesteps(flat))
     return {
