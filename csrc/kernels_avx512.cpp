@@ -97,6 +97,20 @@ inline int32_t masked_popcount(const uint64_t* row, int64_t K, int64_t kw64) {
   return static_cast<int32_t>(total);
 }
 
+// Software prefetch of the bytes [p, p + bytes). Time-major tensors put a row's consecutive steps
+// M rows apart, a stride the hardware prefetchers do not follow, so every step's first touch of
+// a block's input and output spike rows missed the cache. Prefetching them kPrefetchSteps ahead
+// made the fused projection with the plain epilogue 14 % faster on the 2-core Zen 4 (384 x 384,
+// T 85, 800 rows; the GELU epilogue is bound by GELU and gained nothing measurable). The
+// attention op, with far more work per step, gained nothing either, so it has none.
+constexpr int64_t kPrefetchSteps = 2;
+
+template <bool kForWrite>
+inline void prefetch_span(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, kForWrite ? 1 : 0, 3);
+}
+
 // ---- exact replicas of the scalar maths in spikeinfer_cpu.h, 16 lanes at a time --------------
 
 // sleef_expf_u10 for d <= 0 (softmax arguments, the max already subtracted). Sleef scales by
@@ -375,6 +389,12 @@ void linear_neuron_avx512(const LinearNeuronArgs& a, int64_t begin, int64_t end)
               if (a.residual != nullptr)
                 res16[r] = reinterpret_cast<const uint16_t*>(a.residual + row * a.nw64);
               cur_rows[r] = cur.p + (s * rows_per_block + (m0 - mb) + r) * chunk_cols;
+            }
+            if (t + kPrefetchSteps < a.T) {
+              const int64_t ahead = (t + kPrefetchSteps) * a.M + m0;
+              prefetch_span<false>(a.x + ahead * a.kw64, rr * a.kw64 * 8);
+              if (a.epilogue != kEpilogueNone && g0 == 0)
+                prefetch_span<true>(a.spikes + ahead * a.nw64, rr * a.nw64 * 8);
             }
             project_rows<R>(rows, popc, kw32, a.w_il, g0, g1, N, a.alpha, a.bias,
                             a.residual != nullptr ? res16 : nullptr, cur_rows);
