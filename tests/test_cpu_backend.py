@@ -190,7 +190,11 @@ def _linear_reference(x, signs, alpha, bias, epilogue, residual=None, ln=None, g
 
 @pytest.mark.parametrize("leak,fire_on_ge", [(1.0, True), (0.9, False)])
 @pytest.mark.parametrize("epilogue", [cb.EPILOGUE_PLAIN, cb.EPILOGUE_GELU, cb.EPILOGUE_LAYERNORM])
-@pytest.mark.parametrize("T,M,K,N", [(1, 1, 1, 1), (5, 7, 65, 33), (4, 23, 300, 130)])
+@pytest.mark.parametrize(
+    "T,M,K,N",
+    # the last shape's K leaves room for 4 column groups per chunk: three chunks of output
+    [(1, 1, 1, 1), (5, 7, 65, 33), (4, 23, 300, 130), (2, 6, 2100, 150)],
+)
 def test_spike_linear_neuron(T, M, K, N, epilogue, leak, fire_on_ge, monkeypatch):
     gen = torch.Generator().manual_seed(T + M + K + N + epilogue)
     x = random_spikes(T, M, K, gen=gen)
@@ -200,7 +204,7 @@ def test_spike_linear_neuron(T, M, K, N, epilogue, leak, fire_on_ge, monkeypatch
         residual = random_spikes(T, M, N, rate=0.5, gen=gen)
         ln = (torch.randn(N, generator=gen) * 0.3 + 1, torch.randn(N, generator=gen) * 0.2, 1e-12)
         kw = dict(residual=cb.pack_spikes(residual), ln_weight=ln[0], ln_bias=ln[1], eps=ln[2])
-    elif epilogue == cb.EPILOGUE_GELU:
+    else:  # the head / neuron gate of pruned models
         gate = (torch.rand(N, generator=gen) < 0.8).float()
         kw = dict(gate=gate)
     ref_current = _linear_reference(x, signs, alpha, bias, epilogue, residual, ln, gate)
