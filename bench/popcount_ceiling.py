@@ -137,7 +137,25 @@ int main(int argc, char** argv) {
 """
 
 
+def require_cpu_flags(needed=("avx512f", "avx512bw", "avx512_vpopcntdq")):
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError as err:
+        raise SystemExit(
+            "popcount_ceiling reads the CPU's flags from /proc/cpuinfo (Linux only)"
+        ) from err
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
+    )
+    missing = [f for f in needed if f not in flags]
+    if missing:
+        raise SystemExit(
+            f"popcount_ceiling times AVX-512 code; this CPU lacks {', '.join(missing)}"
+        )
+
+
 def build(workdir: Path) -> Path:
+    require_cpu_flags()
     compiler = shutil.which("g++")
     if compiler is None:
         raise SystemExit("popcount_ceiling needs g++ (Debian: apt install g++)")
