@@ -143,6 +143,12 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+def sublayer_names(num_layers: int) -> list[str]:
+    """Every neuron sublayer in the flat order of the thresholds and timestep lists: the
+    embedding neurons, then K V A O1 F O2 of each block."""
+    return ["emb"] + [f"{l}.{s}" for l in range(num_layers) for s in SUBLAYERS]
+
+
 def uniform_timesteps(num_layers: int, t: int) -> list[list[int]]:
     """Per-sublayer timestep lists ([num_layers][6], order K V A O1 F O2) all equal to t."""
     return [[t] * len(SUBLAYERS) for _ in range(num_layers)]

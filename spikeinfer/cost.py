@@ -18,7 +18,12 @@ from collections.abc import Mapping
 
 import torch
 
-from .config import SUBLAYERS, ModelConfig, check_timesteps, uniform_timesteps
+from .config import (
+    ModelConfig,
+    check_timesteps,
+    sublayer_names,
+    uniform_timesteps,
+)
 
 PJ_PER_AC = 0.9
 PJ_PER_MAC = 4.6
@@ -102,9 +107,7 @@ def rates_table(config: ModelConfig, rates) -> list[list[float]]:
     such as `SpikingOutput.asr` ({"emb": ..., "0.K": ..., ..., "3.O2": ...})."""
     L = config.num_layers
     if isinstance(rates, Mapping):
-        missing = [
-            k for k in ["emb"] + [f"{l}.{s}" for l in range(L) for s in SUBLAYERS] if k not in rates
-        ]
+        missing = [k for k in sublayer_names(L) if k not in rates]
         if missing:
             raise ValueError(f"rates mapping lacks sublayers {missing[:6]}...")
         table = []

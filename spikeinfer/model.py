@@ -28,7 +28,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops, rng
-from .config import SUBLAYERS, ModelConfig, check_timesteps, uniform_timesteps
+from .config import (
+    SUBLAYERS,
+    ModelConfig,
+    check_timesteps,
+    sublayer_names,
+    uniform_timesteps,
+)
 from .neuron import if_multistep, if_step
 from .quant import binarize, binarize_ste
 
@@ -402,7 +408,7 @@ class SpikingBert(nn.Module):
         return self.v_th[index].clamp_min(1e-3)
 
     def sublayer_names(self) -> list[str]:
-        return ["emb"] + [f"{l}.{s}" for l in range(self.config.num_layers) for s in SUBLAYERS]
+        return sublayer_names(self.config.num_layers)
 
     def gates(self, head_mask=None, neuron_mask=None):
         """Per-block multipliers for the kept heads and neurons (None where all are 1)."""

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from ..config import SUBLAYERS
+from ..config import SUBLAYERS, sublayer_names
 
 
 def allocate_timesteps(
@@ -97,11 +97,6 @@ def pca_counts(traces: Mapping[str, torch.Tensor], variance: float = 0.99999) ->
         name: (0 if trace.shape[-1] == 0 else pca_components(trace, variance))
         for name, trace in traces.items()
     }
-
-
-def sublayer_names(num_layers: int) -> list[str]:
-    """The flat order of `flatten_timesteps`: the embedding, then K V A O1 F O2 per layer."""
-    return ["emb"] + [f"{l}.{s}" for l in range(num_layers) for s in SUBLAYERS]
 
 
 def flatten_timesteps(timesteps, t_emb: int) -> list[int]:
