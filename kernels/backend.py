@@ -135,7 +135,7 @@ def simulate(
         rec = _Record(valid, record_traces)
         gates = [(_vec(hg), _vec(ng)) for hg, ng in model.gates(head_mask, neuron_mask)]
         if mode == "unrolled":
-            T = model.config.t_conv if timesteps is None else int(timesteps)
+            T = model.unrolled_timesteps if timesteps is None else int(timesteps)
             if T < 1:
                 raise ValueError(f"timesteps must be >= 1, got {T}")
             _unrolled(model, E.reshape(B * N, D).contiguous(), mask_add, gates, rec, T, B)

@@ -570,7 +570,7 @@ def simulate(
         weights = packed_weights(model)
         rec = _Record(valid, B, N, record_traces)
         if mode == "unrolled":
-            T = model.config.t_conv if timesteps is None else int(timesteps)
+            T = model.unrolled_timesteps if timesteps is None else int(timesteps)
             if T < 1:
                 raise ValueError(f"timesteps must be >= 1, got {T}")
             _unrolled(model, E, mask_add, gates, weights, rec, T)

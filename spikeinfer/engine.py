@@ -317,11 +317,12 @@ def evaluate(
 @contextlib.contextmanager
 def _timesteps_for(model: SpikingBert, mode: str, timesteps):
     """Yield the timesteps a run in `mode` uses, (table, t_emb): T and None for unrolled (default
-    T_conv); for sequential the model's per-sublayer lists, or `timesteps` in their place while
-    the run lasts (a list per sublayer, or an int for every sublayer and the embedding neurons),
-    so that an evaluation leaves the caller's model as it found it."""
+    the model's `unrolled_timesteps`); for sequential the model's per-sublayer lists, or
+    `timesteps` in their place while the run lasts (a list per sublayer, or an int for every
+    sublayer and the embedding neurons), so that an evaluation leaves the caller's model as it
+    found it."""
     if mode == "unrolled":
-        yield (model.config.t_conv if timesteps is None else int(timesteps)), None
+        yield (model.unrolled_timesteps if timesteps is None else int(timesteps)), None
         return
     if timesteps is None:
         yield model.timesteps, model.t_emb

@@ -394,6 +394,14 @@ class SpikingBert(nn.Module):
             self.t_emb = int(t_emb)
         return self
 
+    @property
+    def unrolled_timesteps(self) -> int:
+        """T of an `unrolled` run when none is given: the count every sublayer shares (the
+        embedding neurons included) where they all share one, which is T_conv unless a uniform
+        adaptive stage shortened them all; T_conv for per-sublayer counts."""
+        counts = {self.t_emb, *(t for layer in self.timesteps for t in layer)}
+        return counts.pop() if len(counts) == 1 else self.config.t_conv
+
     def to_backend(self, name: str):
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
@@ -442,7 +450,7 @@ class SpikingBert(nn.Module):
     ) -> SpikingOutput:
         """Simulate the network and classify from the last block's [CLS] O2 rate.
 
-        `timesteps`: in unrolled mode an int T (default config.t_conv); in sequential mode a
+        `timesteps`: in unrolled mode an int T (default `unrolled_timesteps`); in sequential mode a
         per-sublayer list (default the model's `timesteps`).
         """
         if mode not in MODES:
@@ -472,7 +480,7 @@ class SpikingBert(nn.Module):
         rec = _Recorder(valid, record_traces)
         gates = self.gates(head_mask, neuron_mask)
         if mode == "unrolled":
-            T = self.config.t_conv if timesteps is None else int(timesteps)
+            T = self.unrolled_timesteps if timesteps is None else int(timesteps)
             if T < 1:
                 raise ValueError(f"timesteps must be >= 1, got {T}")
             self._simulate_unrolled(E, mask_add, gates, rec, T, stepwise)

@@ -71,7 +71,7 @@ def validate(
         max_length=min(128, model.config.max_position_embeddings),
     )
     device = next(model.parameters()).device
-    T = model.config.t_conv if timesteps is None else int(timesteps)
+    T = model.unrolled_timesteps if timesteps is None else int(timesteps)
     totals: dict[str, dict] = {}
     agree = n = 0
     times = {"reference": 0.0, backend: 0.0}

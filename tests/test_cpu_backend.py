@@ -517,6 +517,17 @@ def test_model_unrolled(T):
         assert got.asr == ref.asr
 
 
+def test_model_unrolled_default_T_follows_the_model():
+    model = firing_model(seed=4)
+    model.set_timesteps([[3] * 6, [3] * 6], t_emb=3)  # a uniform adaptive stage's model
+    ids, am, tt = inputs(B=2, N=7)
+    with torch.no_grad():
+        ref = model(ids, am, tt)
+        got = cb.simulate(model, ids, am, tt)
+    assert got.timesteps["0.O1"] == ref.timesteps["0.O1"] == 3 and got.timesteps["emb"] == 3
+    assert_agree(ref, got, exact_rates=attention_exact_here(model, *ids.shape))
+
+
 def test_model_sequential_uneven_timesteps():
     model = firing_model(seed=2)
     model.set_timesteps([[3, 5, 4, 7, 2, 6], [1, 2, 3, 4, 5, 6]], t_emb=5)

@@ -60,6 +60,24 @@ def test_step_and_multistep_agree_with_masks(mode):
     assert_same_rates(a, b, f"masked {mode}")
 
 
+def test_unrolled_default_T_is_the_models_own_uniform_count():
+    model = firing_model(seed=2)
+    t_conv = model.config.t_conv
+    assert model.unrolled_timesteps == t_conv
+    model.set_timesteps(UNEVEN, t_emb=4)  # per-sublayer counts: unrolled runs at T_conv
+    assert model.unrolled_timesteps == t_conv
+    model.set_timesteps([[3] * 6, [3] * 6], t_emb=5)  # the embedding's differs
+    assert model.unrolled_timesteps == t_conv
+    model.set_timesteps([[3] * 6, [3] * 6], t_emb=3)  # what a uniform adaptive stage leaves
+    assert model.unrolled_timesteps == 3
+    ids, mask, types = batch(2)
+    for backend in ("torch", "torch-step"):
+        default = run(model, backend, ids, mask, types)
+        explicit = run(model, backend, ids, mask, types, timesteps=3)
+        assert_same_rates(default, explicit, f"{backend} default T")
+        assert torch.equal(default.logits, explicit.logits)
+
+
 def test_sequential_is_reproducible_from_seed():
     model = firing_model(seed=1)
     ids, mask, types = batch(1)

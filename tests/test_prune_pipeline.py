@@ -63,7 +63,7 @@ def _dev_lengths():
 
 
 def test_two_stage_writes_every_stage_and_acs_match_cost_model(run):
-    _, out = run
+    root, out = run
     lengths = _dev_lengths()
     for stage in TWO_STAGE:
         metrics = json.loads((out / stage / "metrics.json").read_text())
@@ -74,7 +74,7 @@ def test_two_stage_writes_every_stage_and_acs_match_cost_model(run):
             continue
         served = load_checkpoint(out / stage / "compact")
         assert load_checkpoint(out / stage / "model").config == served.config
-        table = served.timesteps if metrics["mode"] == "sequential" else served.config.t_conv
+        table = served.timesteps if metrics["mode"] == "sequential" else served.unrolled_timesteps
         cfg, hm, nm = served.config, served.head_mask, served.neuron_mask
         pruned = sum(cost.ac_count(cfg, hm, nm, table, n) for n in lengths)
         dense = sum(cost.dense_ac_count(cfg, n) for n in lengths)
@@ -106,6 +106,15 @@ def test_two_stage_writes_every_stage_and_acs_match_cost_model(run):
     assert torch.equal(load_checkpoint(out / "noise-alloc" / "model").v_th, v_th["thresholds"])
     late = json.loads((out / "adaptive-alloc" / "metrics.json").read_text())
     assert late["latency"] <= late["noise_alloc"]["budget"] == pytest.approx(0.16 * t_conv)
+    # adaptive-uniform: the unpruned model with every sublayer at the largest T within the
+    # latency target, unrolled, thresholds learnt; its checkpoint runs at that T by default.
+    uniform = json.loads((out / "adaptive-uniform" / "metrics.json").read_text())
+    T = max(1, int(0.16 * t_conv))
+    assert uniform["mode"] == "unrolled" and uniform["timesteps"] == uniform["t_emb"] == T
+    assert uniform["latency"] == T and uniform["acs_percent"] == pytest.approx(100.0 * T / t_conv)
+    served = load_checkpoint(out / "adaptive-uniform" / "compact")
+    assert served.unrolled_timesteps == T
+    assert not torch.equal(served.v_th, load_checkpoint(root / "tiny").v_th)
 
 
 def test_resume_skips_finished_stages_and_single_stage_runs_alone(run):
@@ -141,11 +150,12 @@ def test_report_tables_and_plots(run):
     spread = json.loads((out / "noise-alloc" / "metrics.json").read_text())
     row = next(line for line in text.splitlines() if line.startswith("| + Noise-aware timesteps |"))
     assert f"{spread['accuracy']:.2f} | {spread['acs_percent']:.2f}" in row
-    # Next to the paper, the pruned and adaptive models are the noise-aware stages.
-    late = json.loads((out / "adaptive-alloc" / "metrics.json").read_text())
+    # Next to the paper, the pruned model is the noise-aware stage and the adaptive one the
+    # uniform-T stage (report.ADAPTIVE_STAGES).
+    uniform = json.loads((out / "adaptive-uniform" / "metrics.json").read_text())
     ours = next(line for line in text.splitlines() if line.startswith("| sst2 | ours |"))
     assert f"{spread['accuracy']:.2f} | {spread['acs_percent']:.2f}" in ours
-    assert ours.endswith(f"| {late['accuracy']:.2f} | {late['latency']:.2f} |")
+    assert ours.endswith(f"| {uniform['accuracy']:.2f} | {uniform['latency']:.2f} |")
     # The listed commands parse back to the arguments the stages recorded.
     commands = [line for line in text.splitlines() if line.startswith("spikeinfer prune ")]
     recorded = {

@@ -89,7 +89,8 @@ def add_prune_parser(subparsers):
         "--target-latency",
         type=float,
         default=0.16,
-        help="adaptive stage: mean timesteps at most this fraction of T_conv",
+        help="adaptive stages: mean timesteps at most this fraction of T_conv (adaptive-uniform: "
+        "every sublayer at the largest whole T within it)",
     )
     tp.add_argument(
         "--vth-lr",
