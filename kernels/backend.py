@@ -117,8 +117,8 @@ def simulate(
     """Simulate `model` (a `spikeinfer.model.SpikingBert`) with the Triton kernels.
 
     Arguments and result as `SpikingBert.forward`: `timesteps` is an int T in unrolled mode
-    (default config.t_conv) and a per-sublayer list in sequential mode (default the model's; like
-    the reference, a given list is stored on the model).
+    (default `model.unrolled_timesteps`) and a per-sublayer list in sequential mode (default the
+    model's; like the reference, a given list is stored on the model).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")

@@ -48,8 +48,8 @@ def _add_eval(sub):
         "--timesteps",
         type=int,
         default=None,
-        help="T of every sublayer (default: the model's own: T_conv, or a pruned model's "
-        "per-sublayer timesteps in sequential mode)",
+        help="T of every sublayer (default: the model's own: T_conv, the one T of a uniform "
+        "adaptive model, or a pruned model's per-sublayer timesteps in sequential mode)",
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")

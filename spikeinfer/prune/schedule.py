@@ -370,7 +370,7 @@ def _adaptive_uniform(ctx: Context, model: SpikingBert, stage_dir: Path) -> dict
     # is the unpruned model: from the budget-0.7 spatial-retrain model (78.78 %) the same
     # training reached 77.29 %.
     target = ctx.args.target_latency * model.config.t_conv
-    T = max(1, math.floor(target + 1e-9))
+    T = max(1, math.floor(target + 1e-9))  # 0.29 * 100 is 28.999999999999996 in floats
     model.set_timesteps(uniform_timesteps(model.config.num_layers, T), t_emb=T)
     cfg = ctx.retrain_config(
         mode="unrolled",
