@@ -332,15 +332,16 @@ def _joint_retrain(ctx: Context, model: SpikingBert, stage_dir: Path) -> dict:
     return {"retrain": ctx.retrain(model, stage_dir, cfg, "joint-retrain")}
 
 
-def _threshold_config(ctx: Context) -> RetrainConfig:
-    """The thresholds and adaptive stages' retraining: sequential, V_th learning at --vth-lr,
-    their own activity-loss weight, no PCA reallocation."""
-    return ctx.retrain_config(
+def _threshold_config(ctx: Context, **kw) -> RetrainConfig:
+    """The thresholds and adaptive stages' retraining: sequential (unless `kw` says otherwise),
+    V_th learning at --vth-lr, their own activity-loss weight, no PCA reallocation."""
+    base = dict(
         mode="sequential",
         train_thresholds=True,
         activity_eta=ctx.args.adaptive_activity_eta,
         realloc_every=0,
     )
+    return ctx.retrain_config(**{**base, **kw})
 
 
 def _thresholds(ctx: Context, model: SpikingBert, stage_dir: Path) -> dict:
@@ -372,13 +373,7 @@ def _adaptive_uniform(ctx: Context, model: SpikingBert, stage_dir: Path) -> dict
     target = ctx.args.target_latency * model.config.t_conv
     T = max(1, math.floor(target + 1e-9))  # 0.29 * 100 is 28.999999999999996 in floats
     model.set_timesteps(uniform_timesteps(model.config.num_layers, T), t_emb=T)
-    cfg = ctx.retrain_config(
-        mode="unrolled",
-        sim_timesteps=T,
-        train_thresholds=True,
-        activity_eta=ctx.args.adaptive_activity_eta,
-        realloc_every=0,
-    )
+    cfg = _threshold_config(ctx, mode="unrolled", sim_timesteps=T)
     summary = ctx.retrain(model, stage_dir, cfg, "adaptive-uniform")
     return {"retrain": summary, "target_latency": target}
 
