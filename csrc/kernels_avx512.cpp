@@ -164,6 +164,31 @@ inline __mmask16 neuron_step_v(const NeuronSpec& n, __m512 current, __m512& v) {
                       : neuron_step_t<false, false>(leak, th, current, v);
 }
 
+// The scalar gelu of spikeinfer_cpu.h on 16 lanes: the interval's coefficients are picked from
+// registers (one VPERMPS per power of u), so the epilogue costs a few instructions per lane and no
+// pass over memory.
+struct GeluTable {
+  __m512 c[kGeluDegree + 1];
+  GeluTable() {
+    for (int k = 0; k <= kGeluDegree; ++k) c[k] = _mm512_load_ps(kGeluTail[k]);
+  }
+};
+
+inline __m512 gelu16(const GeluTable& table, __m512 x) {
+  const __m512 a = _mm512_abs_ps(x);
+  const __m512 clamped = _mm512_min_ps(a, _mm512_set1_ps(kGeluMaxTail));  // NaN -> the bound
+  const __m512i i = _mm512_cvttps_epi32(_mm512_mul_ps(clamped, _mm512_set1_ps(kGeluInvWidth)));
+  const __m512 u = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_set1_ps(-kGeluWidth),
+                                   _mm512_sub_ps(clamped, _mm512_set1_ps(0.5f * kGeluWidth)));
+  __m512 q = _mm512_permutexvar_ps(i, table.c[kGeluDegree]);
+#pragma GCC unroll 8
+  for (int k = kGeluDegree - 1; k >= 0; --k)
+    q = _mm512_fmadd_ps(q, u, _mm512_permutexvar_ps(i, table.c[k]));
+  const __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
+  const __m512 phi = _mm512_mask_sub_ps(q, positive, _mm512_set1_ps(1.0f), q);
+  return _mm512_mul_ps(x, phi);
+}
+
 // ---- binary projection microkernel -----------------------------------------------------------
 
 // Currents of R rows for C consecutive interleaved column groups starting at group g:
@@ -244,28 +269,38 @@ struct LayerNormApply {
 // One neuron step for column groups [g0, g1) of a row: currents, membrane and counts are
 // chunk-relative (padded to whole groups of 16); spikes go to 16-bit slots g of the packed row,
 // and the row's unused trailing slots are cleared with the last chunk, so every word is written.
-// The neuron's leak and comparison and the LayerNorm are template arguments: this loop runs once
-// per feature group, row and step, and branching on them per group cost a fifth of it.
-template <bool kUnitLeak, bool kFireOnGe, bool kLayerNorm>
+// The neuron's leak and comparison and the epilogue are template arguments: this loop runs once
+// per feature group, row and step, and branching on them per group cost a fifth of it. The
+// epilogue (LayerNorm with the row's coefficients, or GELU) and then the gate apply to the
+// currents before the neuron sees them, as in the reference.
+enum ScanEpilogue { kScanPlain, kScanLayerNorm, kScanGelu };
+
+template <bool kUnitLeak, bool kFireOnGe, ScanEpilogue kEpi>
 inline void scan_groups_t(const NeuronSpec& spec, const float* cur, float* membrane,
                           int32_t* counts, int64_t N, int64_t g0, int64_t g1, uint64_t* bits,
-                          int64_t nw64, const LayerNormApply* ln, float* current_out) {
+                          int64_t nw64, const LayerNormApply* ln, const float* gate,
+                          float* current_out) {
   uint16_t* bits16 = reinterpret_cast<uint16_t*>(bits);
   const __m512i one = _mm512_set1_epi32(1);
   const __m512 leak = _mm512_set1_ps(spec.leak), th = _mm512_set1_ps(spec.v_th);
   __m512 neg_mean = _mm512_setzero_ps(), rstd = neg_mean;
-  if constexpr (kLayerNorm) {
+  if constexpr (kEpi == kScanLayerNorm) {
     neg_mean = _mm512_set1_ps(ln->neg_mean);
     rstd = _mm512_set1_ps(ln->rstd);
   }
+  const GeluTable* gelu_table = nullptr;
+  GeluTable table_storage{};
+  if constexpr (kEpi == kScanGelu) gelu_table = &table_storage;
   auto step = [&](int64_t g, __mmask16 valid) {
     const int64_t o = (g - g0) * 16;
     __m512 x = _mm512_load_ps(cur + o);
-    if constexpr (kLayerNorm) {
+    if constexpr (kEpi == kScanLayerNorm) {
       x = _mm512_mul_ps(_mm512_add_ps(x, neg_mean), rstd);
       x = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(valid, ln->weight + g * 16),
                           _mm512_maskz_loadu_ps(valid, ln->bias + g * 16));
     }
+    if constexpr (kEpi == kScanGelu) x = gelu16(*gelu_table, x);
+    if (gate != nullptr) x = _mm512_mul_ps(x, _mm512_maskz_loadu_ps(valid, gate + g * 16));
     if (current_out != nullptr) _mm512_mask_storeu_ps(current_out + g * 16, valid, x);
     __m512 v = _mm512_load_ps(membrane + o);
     const __mmask16 fired = neuron_step_t<kUnitLeak, kFireOnGe>(leak, th, x, v) & valid;
@@ -282,24 +317,34 @@ inline void scan_groups_t(const NeuronSpec& spec, const float* cur, float* membr
     for (int64_t gg = g1; gg < nw64 * 4; ++gg) bits16[gg] = 0;
 }
 
+template <ScanEpilogue kEpi>
+inline void scan_groups_e(const NeuronSpec& spec, const float* cur, float* membrane,
+                          int32_t* counts, int64_t N, int64_t g0, int64_t g1, uint64_t* bits,
+                          int64_t nw64, const LayerNormApply* ln, const float* gate,
+                          float* current_out) {
+  const bool unit = spec.leak == 1.0f, ge = spec.fire_on_ge;
+#define SPIKEINFER_SCAN(U, G) \
+  scan_groups_t<U, G, kEpi>(spec, cur, membrane, counts, N, g0, g1, bits, nw64, ln, gate, current_out)
+  if (unit)
+    ge ? SPIKEINFER_SCAN(true, true) : SPIKEINFER_SCAN(true, false);
+  else
+    ge ? SPIKEINFER_SCAN(false, true) : SPIKEINFER_SCAN(false, false);
+#undef SPIKEINFER_SCAN
+}
+
 inline void scan_groups(const NeuronSpec& spec, const float* cur, float* membrane, int32_t* counts,
                         int64_t N, int64_t g0, int64_t g1, uint64_t* bits, int64_t nw64,
-                        const LayerNormApply* ln = nullptr, float* current_out = nullptr) {
-  const bool unit = spec.leak == 1.0f, ge = spec.fire_on_ge;
-#define SPIKEINFER_SCAN(U, G, L) \
-  scan_groups_t<U, G, L>(spec, cur, membrane, counts, N, g0, g1, bits, nw64, ln, current_out)
-  if (ln != nullptr) {
-    if (unit)
-      ge ? SPIKEINFER_SCAN(true, true, true) : SPIKEINFER_SCAN(true, false, true);
-    else
-      ge ? SPIKEINFER_SCAN(false, true, true) : SPIKEINFER_SCAN(false, false, true);
-  } else {
-    if (unit)
-      ge ? SPIKEINFER_SCAN(true, true, false) : SPIKEINFER_SCAN(true, false, false);
-    else
-      ge ? SPIKEINFER_SCAN(false, true, false) : SPIKEINFER_SCAN(false, false, false);
-  }
-#undef SPIKEINFER_SCAN
+                        int epilogue = kEpiloguePlain, const LayerNormApply* ln = nullptr,
+                        const float* gate = nullptr, float* current_out = nullptr) {
+  if (epilogue == kEpilogueResidualLayerNorm)
+    scan_groups_e<kScanLayerNorm>(spec, cur, membrane, counts, N, g0, g1, bits, nw64, ln, gate,
+                                  current_out);
+  else if (epilogue == kEpilogueGelu)
+    scan_groups_e<kScanGelu>(spec, cur, membrane, counts, N, g0, g1, bits, nw64, ln, gate,
+                             current_out);
+  else
+    scan_groups_e<kScanPlain>(spec, cur, membrane, counts, N, g0, g1, bits, nw64, ln, gate,
+                              current_out);
 }
 
 // Rates as the reference computes them: float(count) / float(T), one rounding.
@@ -350,92 +395,64 @@ void linear_neuron_avx512(const LinearNeuronArgs& a, int64_t begin, int64_t end)
   const int64_t chunk =
       whole_rows ? groups : std::max<int64_t>(4, (16384 / std::max<int64_t>(kw32 * 64, 1)) / 4 * 4);
   const int64_t chunk_cols = std::min(chunk, groups) * 16;
-  // GELU is the reference's op called back on blocks of currents; each call costs microseconds,
-  // so a block spans `steps` steps of `sub` groups of R rows, about 128K floats.
-  int64_t block = 1, sub = 1;
-  if (a.epilogue == kEpilogueGelu) {
-    constexpr int64_t kTarget = 131072;
-    block = std::max<int64_t>(1, std::min<int64_t>(a.T, kTarget / (R * chunk_cols)));
-    sub = std::max<int64_t>(1, std::min<int64_t>(16, kTarget / (block * R * chunk_cols)));
-  }
-  const int64_t rows_per_block = R * sub;
-  Scratch<float> cur(block * rows_per_block * chunk_cols), membrane(rows_per_block * chunk_cols);
-  Scratch<int32_t> counts(rows_per_block * chunk_cols);
-  std::memset(cur.p, 0, sizeof(float) * block * rows_per_block * chunk_cols);
-  const bool layer_norm = a.epilogue == kEpilogueResidualLayerNorm && N > 0;
-  float ln_neg_mean[R * 16], ln_rstd[R * 16];  // per row of the current step (block == 1)
+  Scratch<float> cur(R * chunk_cols), membrane(R * chunk_cols);
+  Scratch<int32_t> counts(R * chunk_cols);
+  std::memset(cur.p, 0, sizeof(float) * R * chunk_cols);
+  const bool layer_norm = a.epilogue == kEpilogueResidualLayerNorm;
+  float ln_neg_mean[R], ln_rstd[R];  // per row of the current step
   const uint32_t* rows[R];
   const uint16_t* res16[R];
   float* cur_rows[R];
   int32_t popc[R];
-  for (int64_t mb = begin; mb < end; mb += rows_per_block) {
-    const int64_t mb_rows = std::min(rows_per_block, end - mb);
+  for (int64_t m0 = begin; m0 < end; m0 += R) {
+    const int64_t rr = std::min<int64_t>(R, end - m0);
     for (int64_t g0 = 0; g0 < groups; g0 += chunk) {
       const int64_t g1 = std::min(groups, g0 + chunk);
       const int64_t n0 = g0 * 16, valid_cols = std::min(N, g1 * 16) - n0;
-      std::memset(membrane.p, 0, sizeof(float) * rows_per_block * chunk_cols);
-      std::memset(counts.p, 0, sizeof(int32_t) * rows_per_block * chunk_cols);
-      for (int64_t t0 = 0; t0 < a.T; t0 += block) {
-        const int64_t steps = std::min(block, a.T - t0);
-        for (int64_t s = 0; s < steps; ++s) {
-          const int64_t t = t0 + s;
-          for (int64_t m0 = mb; m0 < mb + mb_rows; m0 += R) {
-            const int64_t rr = std::min<int64_t>(R, mb + mb_rows - m0);
-            for (int r = 0; r < R; ++r) {
-              // Short blocks repeat their last row; the duplicate results are never stored.
-              const int64_t row = t * a.M + m0 + std::min<int64_t>(r, rr - 1);
-              rows[r] = reinterpret_cast<const uint32_t*>(a.x + row * a.kw64);
-              popc[r] = masked_popcount(a.x + row * a.kw64, a.K, a.kw64);
-              if (a.residual != nullptr)
-                res16[r] = reinterpret_cast<const uint16_t*>(a.residual + row * a.nw64);
-              cur_rows[r] = cur.p + (s * rows_per_block + (m0 - mb) + r) * chunk_cols;
-            }
-            if (t + kPrefetchSteps < a.T) {
-              const int64_t ahead = (t + kPrefetchSteps) * a.M + m0;
-              prefetch_span<false>(a.x + ahead * a.kw64, rr * a.kw64 * 8);
-              if (a.epilogue != kEpilogueNone && g0 == 0)
-                prefetch_span<true>(a.spikes + ahead * a.nw64, rr * a.nw64 * 8);
-            }
-            project_rows<R>(rows, popc, kw32, a.w_il, g0, g1, N, a.alpha, a.bias,
-                            a.residual != nullptr ? res16 : nullptr, cur_rows);
-            if (a.epilogue == kEpilogueNone) {
-              for (int64_t r = 0; r < rr; ++r)
-                std::memcpy(a.out + (t * a.M + m0 + r) * N, cur_rows[r], sizeof(float) * N);
-            } else if (layer_norm) {  // whole rows, one step per block: stats for the scan
-              const int64_t i0 = m0 - mb;
-              if (rr == R)
-                layer_norm_stats<R>(cur_rows, N, a.eps, ln_neg_mean + i0, ln_rstd + i0);
-              else
-                for (int64_t r = 0; r < rr; ++r)
-                  layer_norm_stats<1>(cur_rows + r, N, a.eps, ln_neg_mean + i0 + r,
-                                      ln_rstd + i0 + r);
-            }
-          }
+      std::memset(membrane.p, 0, sizeof(float) * R * chunk_cols);
+      std::memset(counts.p, 0, sizeof(int32_t) * R * chunk_cols);
+      for (int64_t t = 0; t < a.T; ++t) {
+        for (int r = 0; r < R; ++r) {
+          // Short blocks repeat their last row; the duplicate results are never stored.
+          const int64_t row = t * a.M + m0 + std::min<int64_t>(r, rr - 1);
+          rows[r] = reinterpret_cast<const uint32_t*>(a.x + row * a.kw64);
+          popc[r] = masked_popcount(a.x + row * a.kw64, a.K, a.kw64);
+          if (a.residual != nullptr)
+            res16[r] = reinterpret_cast<const uint16_t*>(a.residual + row * a.nw64);
+          cur_rows[r] = cur.p + r * chunk_cols;
         }
-        if (a.epilogue == kEpilogueNone) continue;
-        if (a.epilogue == kEpilogueGelu) a.activation(cur.p, steps * rows_per_block * chunk_cols);
-        for (int64_t s = 0; s < steps; ++s) {
-          for (int64_t i = 0; i < mb_rows; ++i) {
-            const int64_t m = mb + i, row = (t0 + s) * a.M + m;
-            float* c = cur.p + (s * rows_per_block + i) * chunk_cols;
-            if (a.gate != nullptr) {
-              for (int64_t g = g0; g < g1; ++g) {
-                const __m512 gate = _mm512_maskz_loadu_ps(tail_mask16(N - g * 16), a.gate + g * 16);
-                float* cg = c + (g - g0) * 16;
-                _mm512_store_ps(cg, _mm512_mul_ps(_mm512_load_ps(cg), gate));
-              }
-            }
-            LayerNormApply ln{layer_norm ? ln_neg_mean[i] : 0.0f, layer_norm ? ln_rstd[i] : 0.0f,
-                              a.ln_weight, a.ln_bias};
-            scan_groups(a.neuron, c, membrane.p + i * chunk_cols, counts.p + i * chunk_cols, N, g0,
-                        g1, a.spikes + row * a.nw64, a.nw64, layer_norm ? &ln : nullptr,
-                        a.out != nullptr ? a.out + row * N : nullptr);
-          }
+        if (t + kPrefetchSteps < a.T) {
+          const int64_t ahead = (t + kPrefetchSteps) * a.M + m0;
+          prefetch_span<false>(a.x + ahead * a.kw64, rr * a.kw64 * 8);
+          if (a.epilogue != kEpilogueNone && g0 == 0)
+            prefetch_span<true>(a.spikes + ahead * a.nw64, rr * a.nw64 * 8);
+        }
+        project_rows<R>(rows, popc, kw32, a.w_il, g0, g1, N, a.alpha, a.bias,
+                        a.residual != nullptr ? res16 : nullptr, cur_rows);
+        if (a.epilogue == kEpilogueNone) {
+          for (int64_t r = 0; r < rr; ++r)
+            std::memcpy(a.out + (t * a.M + m0 + r) * N, cur_rows[r], sizeof(float) * N);
+          continue;
+        }
+        if (layer_norm && N > 0) {  // whole rows: the coefficients for the scan
+          if (rr == R)
+            layer_norm_stats<R>(cur_rows, N, a.eps, ln_neg_mean, ln_rstd);
+          else
+            for (int64_t r = 0; r < rr; ++r)
+              layer_norm_stats<1>(cur_rows + r, N, a.eps, ln_neg_mean + r, ln_rstd + r);
+        }
+        for (int64_t r = 0; r < rr; ++r) {
+          const int64_t row = t * a.M + m0 + r;
+          LayerNormApply ln{layer_norm ? ln_neg_mean[r] : 0.0f, layer_norm ? ln_rstd[r] : 0.0f,
+                            a.ln_weight, a.ln_bias};
+          scan_groups(a.neuron, cur_rows[r], membrane.p + r * chunk_cols,
+                      counts.p + r * chunk_cols, N, g0, g1, a.spikes + row * a.nw64, a.nw64,
+                      a.epilogue, &ln, a.gate, a.out != nullptr ? a.out + row * N : nullptr);
         }
       }
       if (a.rates != nullptr && a.epilogue != kEpilogueNone)
-        for (int64_t i = 0; i < mb_rows; ++i)
-          write_rates(counts.p + i * chunk_cols, valid_cols, a.T, a.rates + (mb + i) * N + n0);
+        for (int64_t r = 0; r < rr; ++r)
+          write_rates(counts.p + r * chunk_cols, valid_cols, a.T, a.rates + (m0 + r) * N + n0);
     }
   }
 }

@@ -47,7 +47,7 @@ void binary_row(const uint64_t* s, int64_t K, int64_t kw, const uint64_t* w, int
 
 inline bool test_bit(const uint64_t* row, int64_t i) { return (row[i >> 6] >> (i & 63)) & 1; }
 
-// Residual and LayerNorm of one row in place (GELU and the gate come after, per block).
+// Residual and LayerNorm of one row in place (GELU and the gate come after).
 void residual_layer_norm(const LinearNeuronArgs& a, float* cur, int64_t t, int64_t m) {
   const int64_t N = a.N;
   if (a.residual != nullptr) {
@@ -80,43 +80,30 @@ void write_rates(const int32_t* counts, int64_t N, int64_t T, float* rates) {
   for (int64_t n = 0; n < N; ++n) rates[n] = static_cast<float>(counts[n]) / static_cast<float>(T);
 }
 
-// Steps per block: GELU is called back once per block of about this many floats.
-int64_t steps_per_block(int64_t T, int64_t row_floats) {
-  const int64_t target = 32768;
-  return std::max<int64_t>(1, std::min<int64_t>(T, target / std::max<int64_t>(row_floats, 1)));
-}
-
 }  // namespace
 
 void linear_neuron_portable(const LinearNeuronArgs& a, int64_t begin, int64_t end) {
   const int64_t N = a.N;
-  const int64_t block = a.epilogue == kEpilogueNone ? 1 : steps_per_block(a.T, N);
-  std::vector<float> cur(block * N), membrane(N);
+  std::vector<float> cur(N), membrane(N);
   std::vector<int32_t> counts(N);
+  float* c = cur.data();
   for (int64_t m = begin; m < end; ++m) {
     std::fill(membrane.begin(), membrane.end(), 0.0f);
     std::fill(counts.begin(), counts.end(), 0);
-    for (int64_t t0 = 0; t0 < a.T; t0 += block) {
-      const int64_t steps = std::min(block, a.T - t0);
-      for (int64_t s = 0; s < steps; ++s) {
-        const int64_t row = (t0 + s) * a.M + m;
-        float* c = cur.data() + s * N;
-        binary_row(a.x + row * a.kw64, a.K, a.kw64, a.w, N, a.alpha, a.bias, c);
-        if (a.epilogue == kEpilogueNone)
-          std::copy(c, c + N, a.out + row * N);
-        else
-          residual_layer_norm(a, c, t0 + s, m);
+    for (int64_t t = 0; t < a.T; ++t) {
+      const int64_t row = t * a.M + m;
+      binary_row(a.x + row * a.kw64, a.K, a.kw64, a.w, N, a.alpha, a.bias, c);
+      if (a.epilogue == kEpilogueNone) {
+        std::copy(c, c + N, a.out + row * N);
+        continue;
       }
-      if (a.epilogue == kEpilogueNone) continue;
-      if (a.epilogue == kEpilogueGelu) a.activation(cur.data(), steps * N);
-      for (int64_t s = 0; s < steps; ++s) {
-        const int64_t row = (t0 + s) * a.M + m;
-        float* c = cur.data() + s * N;
-        if (a.gate != nullptr)
-          for (int64_t n = 0; n < N; ++n) c[n] = c[n] * a.gate[n];
-        if (a.out != nullptr) std::copy(c, c + N, a.out + row * N);
-        scan_row(a.neuron, c, membrane.data(), counts.data(), N, a.spikes + row * a.nw64, a.nw64);
-      }
+      residual_layer_norm(a, c, t, m);
+      if (a.epilogue == kEpilogueGelu)
+        for (int64_t n = 0; n < N; ++n) c[n] = gelu(c[n]);
+      if (a.gate != nullptr)
+        for (int64_t n = 0; n < N; ++n) c[n] = c[n] * a.gate[n];
+      if (a.out != nullptr) std::copy(c, c + N, a.out + row * N);
+      scan_row(a.neuron, c, membrane.data(), counts.data(), N, a.spikes + row * a.nw64, a.nw64);
     }
     if (a.rates != nullptr) write_rates(counts.data(), N, a.T, a.rates + m * N);
   }

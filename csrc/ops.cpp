@@ -107,15 +107,7 @@ std::vector<uint32_t> interleave_signs(const uint64_t* w, int64_t N, int64_t K, 
   return il;
 }
 
-// The reference's GELU (torch.nn.functional.gelu, exact erf form), in place. Elementwise, so
-// blocks of currents round exactly as the reference's whole tensor does.
-void gelu_inplace(float* data, int64_t n) {
-  Tensor t = at::from_blob(data, {n}, at::TensorOptions().dtype(at::kFloat));
-  at::gelu_(t);
-}
-
 void run_linear(LinearNeuronArgs& a) {
-  a.activation = &gelu_inplace;
   const bool avx = use_avx512();
   std::vector<uint32_t> il;
   if (avx) {

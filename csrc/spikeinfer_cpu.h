@@ -6,8 +6,10 @@
 //                       (s: packed 0/1 spikes, w+_n: bit set where sign(W[n, k]) = +1; the count
 //                       is exact, then two roundings: * alpha, + bias; never fused into an FMA)
 //   epilogues           plain: I;  GELU: gelu(I);  residual + LayerNorm: LN(I + r)
-//                       optionally times a per-feature gate (head / neuron masks); GELU is the
-//                       reference's own at::gelu, called back on blocks of currents
+//                       then times a per-feature gate (head / neuron masks) when gated; GELU is
+//                       x * Phi(x) from a piecewise polynomial of the normal tail (gelu.h,
+//                       within 3 ulp of the exact function, not torch's bits: DESIGN section 10's
+//                       near-tie rule covers the difference)
 //   IF/LIF neuron       H = leak * V + I (V + I when leak == 1);  S = H >= v_th (> when not
 //                       fire_on_ge);  V = H - v_th * S
 //   Bernoulli draws     the counter-based hash of spikeinfer/rng.py
@@ -23,6 +25,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#include "gelu.h"
 
 namespace spikeinfer_cpu {
 
@@ -55,8 +59,6 @@ struct LinearNeuronArgs {
   const float* ln_bias = nullptr;      // [N]
   float eps = 1e-12f;
   const float* gate = nullptr;  // [N] or null
-  // kEpilogueGelu: the reference's GELU applied in place to a block of n floats (elementwise).
-  void (*activation)(float* data, int64_t n) = nullptr;
   NeuronSpec neuron;
   uint64_t* spikes = nullptr;  // packed output [T, M, nw64], every word written
   float* rates = nullptr;      // [M, N] spike count / T, or null
@@ -144,6 +146,21 @@ inline bool neuron_step(const NeuronSpec& n, float current, float& v) {
   const bool fired = n.fire_on_ge ? h >= n.v_th : h > n.v_th;
   v = fired ? h - n.v_th : h;
   return fired;
+}
+
+// ---------------------------------------------------------------------------------------------
+// GELU (csrc/gelu_table.py): x * Phi(x), Phi from the normal tail Q(|x|) on [0, 8], beyond which
+// the value at 8 holds. The AVX-512 unit's gelu16 evaluates the same operations lane-wise.
+
+inline float gelu(float x) {
+  const float a = std::fabs(x);
+  const float clamped = a < kGeluMaxTail ? a : kGeluMaxTail;  // NaN -> the bound, as vminps
+  const int32_t i = static_cast<int32_t>(clamped * kGeluInvWidth);
+  // u = clamped - interval centre
+  const float u = std::fma(static_cast<float>(i), -kGeluWidth, clamped - 0.5f * kGeluWidth);
+  float q = kGeluTail[kGeluDegree][i];
+  for (int k = kGeluDegree - 1; k >= 0; --k) q = std::fma(q, u, kGeluTail[k][i]);
+  return x * (x >= 0.0f ? 1.0f - q : q);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,18 +2,22 @@
 
 Projections and neuron scans must match the reference bit for bit; GELU, LayerNorm and attention
 are checked with the DESIGN section 10 tolerance (spike flips only where |H - Vth| is within
-rounding, fraction < 1e-3) although on a machine like the reference's they match exactly. The
-AVX-512 and portable kernel paths must agree exactly with each other.
+rounding, fraction < 1e-3). LayerNorm and softmax replicate torch's rounding, so on a machine
+like the reference's they match exactly; GELU is the kernels' own polynomial (csrc/gelu.h, within
+3 ulp of the exact function), so F's currents differ from torch's by an ulp or so. The AVX-512
+and portable kernel paths must agree exactly with each other.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import firing_model
@@ -228,6 +232,51 @@ def test_spike_linear_neuron(T, M, K, N, epilogue, leak, fire_on_ge, monkeypatch
     else:  # GELU / LayerNorm replicate torch's rounding; allow near-tie flips elsewhere
         torch.testing.assert_close(current, ref_current, rtol=1e-6, atol=1e-6)
         assert flip_fraction(got, ref_spikes) < 1e-3
+
+
+def test_gelu_against_the_exact_function(monkeypatch):
+    """The GELU epilogue (csrc/gelu.h) within 3 ulp of x * Phi(x), or 1e-9 absolute in the
+    negative tail (x < -3, where |gelu| < 0.004 and a fixed-degree polynomial loses relative
+    accuracy), on both paths alike.
+
+    With alpha = 0 the projection's current is the bias itself, so each output column evaluates
+    GELU at one chosen point. torch's own CPU GELU is further from the exact function in that
+    tail (up to 1e-6); the two differ by at most 1.5e-6 (one ulp at |x| ~ 10)."""
+    xs = torch.cat(
+        [
+            torch.linspace(-12.0, 12.0, 48001),
+            torch.tensor([0.0, -0.0, 1e-30, -1e-30, 7.99999, 8.0, 8.00001, -8.0, 0.5, -0.5]),
+            torch.randn(4000, generator=torch.Generator().manual_seed(0)) * 3,
+        ]
+    )
+    N = xs.numel()
+    x = torch.ones(1, 1, 1)
+    signs, _, _ = random_binary(N, 1)
+
+    def run():
+        return cb.spike_linear_neuron(
+            cb.pack_spikes(x),
+            cb.pack_signs(signs),
+            1,
+            torch.zeros(N),
+            xs,
+            epilogue=cb.EPILOGUE_GELU,
+            v_th=1e30,
+            return_current=True,
+        )
+
+    fast, portable = both_paths(run, monkeypatch)
+    assert_same(fast, portable)
+    got = fast[2].reshape(N).double()
+    exact = torch.tensor([0.5 * v * math.erfc(-v / math.sqrt(2.0)) for v in xs.double().tolist()])
+    ulp = torch.from_numpy(np.spacing(exact.abs().float().numpy())).double()
+    excess = (got - exact).abs() - torch.where(xs < -3, torch.full_like(ulp, 1e-9), 3 * ulp)
+    worst = int(excess.argmax())
+    assert excess[worst] <= 0, (
+        f"gelu({xs[worst].item()!r}) = {got[worst].item()!r}, exact {exact[worst].item()!r}: "
+        f"{((got - exact).abs() / ulp)[worst].item():.1f} ulp"
+    )
+    assert (got - torch.nn.functional.gelu(xs).double()).abs().max() <= 1.5e-6
 
 
 # -- attention ----------------------------------------------------------------------------------
@@ -448,8 +497,8 @@ def inputs(B=3, N=7, vocab=100, seed=1):
 def attention_exact_here(model, B, N) -> bool:
     """Whether the kernel reproduces the reference's attention currents bit for bit at these shapes.
 
-    Projections, LayerNorm, GELU and softmax replicate torch's rounding; the two attention
-    matmuls are summed in ascending order, which is what MKL does for most but not all shapes."""
+    Projections, LayerNorm and softmax replicate torch's rounding; the two attention matmuls are
+    summed in ascending order, which is what MKL does for most but not all shapes."""
     gen = torch.Generator().manual_seed(B * N)
     cfg = model.config
     D, H = cfg.hidden_size, cfg.num_heads
@@ -481,12 +530,15 @@ EXACT_BEFORE_ATTENTION = ("emb", "0.K", "0.V")  # pure binary projections and th
 
 
 def assert_agree(ref, got, exact_rates: bool):
+    """`exact_rates`: every sublayer before the first F (GELU) has the reference's rates."""
     assert ref.rates.keys() == got.rates.keys()
     assert ref.timesteps == got.timesteps
+    past_gelu = False
     for name, r in ref.rates.items():
         g = got.rates[name]
         assert g.shape == r.shape, name
-        if exact_rates or name in EXACT_BEFORE_ATTENTION:
+        past_gelu = past_gelu or name.endswith(".F")
+        if (exact_rates and not past_gelu) or name in EXACT_BEFORE_ATTENTION:
             assert torch.equal(g, r), name
         else:  # rates differ only by near-tie flips: bound the flipped spikes per sublayer
             steps = ref.timesteps[name]
@@ -510,11 +562,12 @@ def test_model_unrolled(T):
     exact = attention_exact_here(model, *ids.shape)
     assert_agree(ref, got, exact_rates=exact)
     assert sum(a for a in got.asr.values()) > 0.5  # the model really fires
-    if exact:  # without padding the ASRs are the reference's floats too
+    if exact:  # without padding the ASRs before the first GELU are the reference's floats too
         with torch.no_grad():
             ref = model(ids, None, tt, timesteps=T)
             got = cb.simulate(model, ids, None, tt, timesteps=T)
-        assert got.asr == ref.asr
+        before_gelu = list(ref.asr)[: list(ref.asr).index("0.F")]
+        assert [got.asr[n] for n in before_gelu] == [ref.asr[n] for n in before_gelu]
 
 
 def test_model_unrolled_default_T_follows_the_model():
