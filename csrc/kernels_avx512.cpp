@@ -164,26 +164,19 @@ inline __mmask16 neuron_step_v(const NeuronSpec& n, __m512 current, __m512& v) {
                       : neuron_step_t<false, false>(leak, th, current, v);
 }
 
-// The scalar gelu of spikeinfer_cpu.h on 16 lanes: the interval's coefficients are picked from
-// registers (one VPERMPS per power of u), so the epilogue costs a few instructions per lane and no
-// pass over memory.
-struct GeluTable {
-  __m512 c[kGeluDegree + 1];
-  GeluTable() {
-    for (int k = 0; k <= kGeluDegree; ++k) c[k] = _mm512_load_ps(kGeluTail[k]);
-  }
-};
-
-inline __m512 gelu16(const GeluTable& table, __m512 x) {
+// The scalar gelu of spikeinfer_cpu.h on 16 lanes: each power of u's 16 coefficients fill one
+// register and VPERMPS picks every lane's interval, so the epilogue costs a few instructions per
+// lane and no pass over memory (the table loads are loop-invariant and leave the scan's loop).
+inline __m512 gelu16(__m512 x) {
   const __m512 a = _mm512_abs_ps(x);
   const __m512 clamped = _mm512_min_ps(a, _mm512_set1_ps(kGeluMaxTail));  // NaN -> the bound
   const __m512i i = _mm512_cvttps_epi32(_mm512_mul_ps(clamped, _mm512_set1_ps(kGeluInvWidth)));
   const __m512 u = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_set1_ps(-kGeluWidth),
                                    _mm512_sub_ps(clamped, _mm512_set1_ps(0.5f * kGeluWidth)));
-  __m512 q = _mm512_permutexvar_ps(i, table.c[kGeluDegree]);
+  __m512 q = _mm512_permutexvar_ps(i, _mm512_load_ps(kGeluTail[kGeluDegree]));
 #pragma GCC unroll 8
   for (int k = kGeluDegree - 1; k >= 0; --k)
-    q = _mm512_fmadd_ps(q, u, _mm512_permutexvar_ps(i, table.c[k]));
+    q = _mm512_fmadd_ps(q, u, _mm512_permutexvar_ps(i, _mm512_load_ps(kGeluTail[k])));
   const __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
   const __m512 phi = _mm512_mask_sub_ps(q, positive, _mm512_set1_ps(1.0f), q);
   return _mm512_mul_ps(x, phi);
@@ -288,9 +281,6 @@ inline void scan_groups_t(const NeuronSpec& spec, const float* cur, float* membr
     neg_mean = _mm512_set1_ps(ln->neg_mean);
     rstd = _mm512_set1_ps(ln->rstd);
   }
-  const GeluTable* gelu_table = nullptr;
-  GeluTable table_storage{};
-  if constexpr (kEpi == kScanGelu) gelu_table = &table_storage;
   auto step = [&](int64_t g, __mmask16 valid) {
     const int64_t o = (g - g0) * 16;
     __m512 x = _mm512_load_ps(cur + o);
@@ -299,7 +289,7 @@ inline void scan_groups_t(const NeuronSpec& spec, const float* cur, float* membr
       x = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(valid, ln->weight + g * 16),
                           _mm512_maskz_loadu_ps(valid, ln->bias + g * 16));
     }
-    if constexpr (kEpi == kScanGelu) x = gelu16(*gelu_table, x);
+    if constexpr (kEpi == kScanGelu) x = gelu16(x);
     if (gate != nullptr) x = _mm512_mul_ps(x, _mm512_maskz_loadu_ps(valid, gate + g * 16));
     if (current_out != nullptr) _mm512_mask_storeu_ps(current_out + g * 16, valid, x);
     __m512 v = _mm512_load_ps(membrane + o);
@@ -323,8 +313,9 @@ inline void scan_groups_e(const NeuronSpec& spec, const float* cur, float* membr
                           int64_t nw64, const LayerNormApply* ln, const float* gate,
                           float* current_out) {
   const bool unit = spec.leak == 1.0f, ge = spec.fire_on_ge;
-#define SPIKEINFER_SCAN(U, G) \
-  scan_groups_t<U, G, kEpi>(spec, cur, membrane, counts, N, g0, g1, bits, nw64, ln, gate, current_out)
+#define SPIKEINFER_SCAN(U, G)                                                              \
+  scan_groups_t<U, G, kEpi>(spec, cur, membrane, counts, N, g0, g1, bits, nw64, ln, gate, \
+                            current_out)
   if (unit)
     ge ? SPIKEINFER_SCAN(true, true) : SPIKEINFER_SCAN(true, false);
   else
