@@ -7,8 +7,8 @@ constexpr int kGeluIntervals = 16;
 constexpr int kGeluDegree = 6;
 constexpr float kGeluInvWidth = 2.0f;
 constexpr float kGeluWidth = 0.5f;
-// The largest float below the table's end: |x| clamped to it always indexes the last interval
-// or one before, so no index needs clamping.
+// The largest float below the table's end: |x| clamped to it always indexes an interval of the
+// table, so no index needs clamping.
 constexpr float kGeluMaxTail = 0x1.fffffep+2f;
 
 // kGeluTail[k][i]: coefficient of u^k of the normal tail Q on interval i.

@@ -4,9 +4,10 @@
     Q(a) = erfc(a / sqrt(2)) / 2 (the normal tail), a in [0, 8] split into 16 intervals of 0.5,
     Q on interval i = sum_k c[k][i] * u^k,  u = a - (0.5 i + 0.25),  degree 6 (Horner, fma).
 
-Beyond a = 8 the last interval's value at 8 (the float below it) is used: Q(8) = 6e-16, so 1 - Q rounds to 1 and
-gelu(x) = x for x >= 8, and |gelu(x)| < 1e-14 for x <= -8. Computing Phi from the tail Q keeps
-the negative side accurate in relative terms (1 + erf cancels there). Coefficients are least
+Beyond a = 8 the last interval's value at the float below 8 is used: Q(8) = 6e-16, so 1 - Q
+rounds to 1 and gelu(x) = x for x >= 8, and |gelu(x)| < 1e-14 for x <= -8. Computing Phi
+from the tail Q keeps the negative side accurate in relative terms (1 + erf cancels there).
+Coefficients are least
 squares fits at 64 Chebyshev nodes per interval in float64, rounded to float32. Measured in
 float32 (tests/test_cpu_backend.py::test_gelu_against_the_exact_function): within 3 ulp of the
 exact function for x >= -3 and within 1e-9 below (relative 1e-6 at -4, 2e-3 at -8, where the
@@ -48,6 +49,7 @@ def header(table: np.ndarray) -> str:
         mantissa, exponent = float(v).hex().split("p")
         return f"{mantissa.rstrip('0').rstrip('.')}p{exponent}f"
 
+    below_end = np.nextafter(np.float32(INTERVALS * WIDTH), np.float32(0))
     rows = []
     for k, row in enumerate(table):
         lines = [", ".join(literal(v) for v in row[j : j + 4]) for j in range(0, len(row), 4)]
@@ -63,9 +65,9 @@ constexpr int kGeluIntervals = {INTERVALS};
 constexpr int kGeluDegree = {DEGREE};
 constexpr float kGeluInvWidth = {1 / WIDTH:.1f}f;
 constexpr float kGeluWidth = {WIDTH}f;
-// The largest float below the table's end: |x| clamped to it always indexes the last interval
-// or one before, so no index needs clamping.
-constexpr float kGeluMaxTail = {literal(np.nextafter(np.float32(INTERVALS * WIDTH), np.float32(0)))};
+// The largest float below the table's end: |x| clamped to it always indexes an interval of the
+// table, so no index needs clamping.
+constexpr float kGeluMaxTail = {literal(below_end)};
 
 // kGeluTail[k][i]: coefficient of u^k of the normal tail Q on interval i.
 alignas(64) constexpr float kGeluTail[kGeluDegree + 1][kGeluIntervals] = {{
