@@ -7,12 +7,11 @@
 Beyond a = 8 the last interval's value at the float below 8 is used: Q(8) = 6e-16, so 1 - Q
 rounds to 1 and gelu(x) = x for x >= 8, and |gelu(x)| < 1e-14 for x <= -8. Computing Phi
 from the tail Q keeps the negative side accurate in relative terms (1 + erf cancels there).
-Coefficients are least
-squares fits at 64 Chebyshev nodes per interval in float64, rounded to float32. Measured in
-float32 (tests/test_cpu_backend.py::test_gelu_against_the_exact_function): within 3 ulp of the
-exact function for x >= -3 and within 1e-9 below (relative 1e-6 at -4, 2e-3 at -8, where the
-tail falls faster than a degree-6 polynomial follows); torch's own CPU GELU is off by up to 1e-6
-in that tail.
+Coefficients are least squares fits at 64 Chebyshev nodes per interval in float64, rounded to
+float32. Measured in float32 (tests/test_cpu_backend.py::test_gelu_against_the_exact_function):
+within 3 ulp of the exact function for x >= -3 and within 1e-9 below (relative 1e-6 at -4, 2e-3
+at -8, where the tail falls faster than a degree-6 polynomial follows); torch's own CPU GELU is
+off by up to 1e-6 in that tail.
 
 Run `python csrc/gelu_table.py` to regenerate the header.
 """
