@@ -266,9 +266,7 @@ struct LayerNormApply {
 // per feature group, row and step, and branching on them per group cost a fifth of it. The
 // epilogue (LayerNorm with the row's coefficients, or GELU) and then the gate apply to the
 // currents before the neuron sees them, as in the reference.
-enum ScanEpilogue { kScanPlain, kScanLayerNorm, kScanGelu };
-
-template <bool kUnitLeak, bool kFireOnGe, ScanEpilogue kEpi>
+template <bool kUnitLeak, bool kFireOnGe, Epilogue kEpi>
 inline void scan_groups_t(const NeuronSpec& spec, const float* cur, float* membrane,
                           int32_t* counts, int64_t N, int64_t g0, int64_t g1, uint64_t* bits,
                           int64_t nw64, const LayerNormApply* ln, const float* gate,
@@ -277,19 +275,19 @@ inline void scan_groups_t(const NeuronSpec& spec, const float* cur, float* membr
   const __m512i one = _mm512_set1_epi32(1);
   const __m512 leak = _mm512_set1_ps(spec.leak), th = _mm512_set1_ps(spec.v_th);
   __m512 neg_mean = _mm512_setzero_ps(), rstd = neg_mean;
-  if constexpr (kEpi == kScanLayerNorm) {
+  if constexpr (kEpi == kEpilogueResidualLayerNorm) {
     neg_mean = _mm512_set1_ps(ln->neg_mean);
     rstd = _mm512_set1_ps(ln->rstd);
   }
   auto step = [&](int64_t g, __mmask16 valid) {
     const int64_t o = (g - g0) * 16;
     __m512 x = _mm512_load_ps(cur + o);
-    if constexpr (kEpi == kScanLayerNorm) {
+    if constexpr (kEpi == kEpilogueResidualLayerNorm) {
       x = _mm512_mul_ps(_mm512_add_ps(x, neg_mean), rstd);
       x = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(valid, ln->weight + g * 16),
                           _mm512_maskz_loadu_ps(valid, ln->bias + g * 16));
     }
-    if constexpr (kEpi == kScanGelu) x = gelu16(x);
+    if constexpr (kEpi == kEpilogueGelu) x = gelu16(x);
     if (gate != nullptr) x = _mm512_mul_ps(x, _mm512_maskz_loadu_ps(valid, gate + g * 16));
     if (current_out != nullptr) _mm512_mask_storeu_ps(current_out + g * 16, valid, x);
     __m512 v = _mm512_load_ps(membrane + o);
@@ -307,7 +305,7 @@ inline void scan_groups_t(const NeuronSpec& spec, const float* cur, float* membr
     for (int64_t gg = g1; gg < nw64 * 4; ++gg) bits16[gg] = 0;
 }
 
-template <ScanEpilogue kEpi>
+template <Epilogue kEpi>
 inline void scan_groups_e(const NeuronSpec& spec, const float* cur, float* membrane,
                           int32_t* counts, int64_t N, int64_t g0, int64_t g1, uint64_t* bits,
                           int64_t nw64, const LayerNormApply* ln, const float* gate,
@@ -328,14 +326,14 @@ inline void scan_groups(const NeuronSpec& spec, const float* cur, float* membran
                         int epilogue = kEpiloguePlain, const LayerNormApply* ln = nullptr,
                         const float* gate = nullptr, float* current_out = nullptr) {
   if (epilogue == kEpilogueResidualLayerNorm)
-    scan_groups_e<kScanLayerNorm>(spec, cur, membrane, counts, N, g0, g1, bits, nw64, ln, gate,
-                                  current_out);
+    scan_groups_e<kEpilogueResidualLayerNorm>(spec, cur, membrane, counts, N, g0, g1, bits, nw64,
+                                              ln, gate, current_out);
   else if (epilogue == kEpilogueGelu)
-    scan_groups_e<kScanGelu>(spec, cur, membrane, counts, N, g0, g1, bits, nw64, ln, gate,
-                             current_out);
+    scan_groups_e<kEpilogueGelu>(spec, cur, membrane, counts, N, g0, g1, bits, nw64, ln, gate,
+                                 current_out);
   else
-    scan_groups_e<kScanPlain>(spec, cur, membrane, counts, N, g0, g1, bits, nw64, ln, gate,
-                              current_out);
+    scan_groups_e<kEpiloguePlain>(spec, cur, membrane, counts, N, g0, g1, bits, nw64, ln, gate,
+                                  current_out);
 }
 
 // Rates as the reference computes them: float(count) / float(T), one rounding.
