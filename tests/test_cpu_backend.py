@@ -192,6 +192,34 @@ def _linear_reference(x, signs, alpha, bias, epilogue, residual=None, ln=None, g
     return cur
 
 
+# Row lengths around the LayerNorm moments' chunks of 16 x 8 floats, computed up to three at a
+# time: one short chunk, one whole, two, two and a short one, three, three and a short one, three
+# then a lone whole one then a short one, four groups of three, many, a scalar tail.
+@pytest.mark.parametrize("N", [8, 130, 256, 264, 384, 392, 520, 1536, 2061])
+def test_layer_norm_epilogue_is_torchs_bits(N, kernel_path):
+    T, M, K = 2, 7, 70
+    gen = torch.Generator().manual_seed(N)
+    x = random_spikes(T, M, K, gen=gen)
+    signs, alpha, bias = random_binary(N, K, gen)
+    residual = random_spikes(T, M, N, rate=0.5, gen=gen)
+    ln = (torch.randn(N, generator=gen) * 0.3 + 1, torch.randn(N, generator=gen) * 0.2, 1e-12)
+    ref = _linear_reference(x, signs, alpha, bias, cb.EPILOGUE_LAYERNORM, residual, ln)
+    _, _, current = cb.spike_linear_neuron(
+        cb.pack_spikes(x),
+        cb.pack_signs(signs),
+        K,
+        alpha,
+        bias,
+        epilogue=cb.EPILOGUE_LAYERNORM,
+        residual=cb.pack_spikes(residual),
+        ln_weight=ln[0],
+        ln_bias=ln[1],
+        eps=ln[2],
+        return_current=True,
+    )
+    assert torch.equal(current, ref), f"N={N}: max |diff| {(current - ref).abs().max().item()}"
+
+
 @pytest.mark.parametrize("leak,fire_on_ge", [(1.0, True), (0.9, False)])
 @pytest.mark.parametrize("epilogue", [cb.EPILOGUE_PLAIN, cb.EPILOGUE_GELU, cb.EPILOGUE_LAYERNORM])
 @pytest.mark.parametrize(
