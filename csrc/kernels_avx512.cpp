@@ -759,16 +759,35 @@ void bernoulli_avx512(const BernoulliArgs& a, int64_t begin, int64_t end) {
   // below 2^24 and a power-of-two scaling), so each element's threshold is formed once and every
   // step compares integers. Lanes past K get threshold 0: they never fire.
   const __m512 two_p24 = _mm512_set1_ps(16777216.0f);
+  const __m512i always = _mm512_set1_epi32(1 << 24);
+  // Threshold 0 never fires and 2^24 always does (h >> 8 < 2^24): about half the rates of a
+  // spiking layer are exactly 0 or 1, so only the other elements are hashed. Each row's
+  // undecided elements are packed densely (their hashes and thresholds, in column order), every
+  // step hashes that dense list into a bit stream, and PDEP deposits the stream's bits at the
+  // undecided positions of each 64-bit word, beside the always-firing ones. Rows with few decided
+  // elements skip the packing: the deposit would cost more than the hashes it saves.
   // Rows go in tiles whose element hashes and thresholds are formed once, then step by step, so
   // the words of one step are written contiguously (row by row, all steps of one row would touch
   // a page per step).
   constexpr int64_t kTileRows = 16;
-  Scratch<uint32_t> mixed(kTileRows * blocks * 16), threshold(kTileRows * blocks * 16);
+  // + padding to whole words of 64 with threshold 0 (the stream's last word hashes them)
+  const int64_t dense_len = (blocks * 16 + 16 + 63) / 64 * 64;
+  const int64_t words = a.kw64;
+  Scratch<uint32_t> mixed(kTileRows * dense_len), threshold(kTileRows * dense_len);
+  Scratch<uint32_t> all_mixed(kTileRows * blocks * 16), all_threshold(kTileRows * blocks * 16);
+  Scratch<uint64_t> undecided(kTileRows * words), fires(kTileRows * words);
+  Scratch<uint64_t> stream(dense_len / 64 + 2);
+  int64_t dense_count[kTileRows];
   for (int64_t m0 = begin; m0 < end; m0 += kTileRows) {
     const int64_t rows = std::min(kTileRows, end - m0);
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t m = m0 + i;
       const __m512i row_base = _mm512_set1_epi64(m * a.full_width);
+      uint32_t* row_mixed = mixed.p + i * dense_len;
+      uint32_t* row_threshold = threshold.p + i * dense_len;
+      uint16_t* row_undecided = reinterpret_cast<uint16_t*>(undecided.p + i * words);
+      uint16_t* row_fires = reinterpret_cast<uint16_t*>(fires.p + i * words);
+      int64_t n = 0;
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const __mmask16 valid = tail_mask16(a.K - blk * 16);
         const __m512i lo = _mm512_add_epi64(
@@ -778,27 +797,71 @@ void bernoulli_avx512(const BernoulliArgs& a, int64_t begin, int64_t end) {
             _mm512_maskz_loadu_epi64(static_cast<__mmask8>(valid >> 8), a.cols + blk * 16 + 8));
         const __m512i element = _mm512_inserti64x4(
             _mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)), _mm512_cvtepi64_epi32(hi), 1);
-        const int64_t o = (i * blocks + blk) * 16;
-        _mm512_store_si512(mixed.p + o, mix(element));
         const __m512 rate = _mm512_maskz_loadu_ps(valid, a.rates + m * a.K + blk * 16);
         const __m512 scaled = _mm512_min_ps(
             _mm512_max_ps(_mm512_mul_ps(rate, two_p24), _mm512_setzero_ps()), two_p24);
-        _mm512_store_si512(threshold.p + o,
-                           _mm512_cvttps_epu32(_mm512_roundscale_ps(
-                               scaled, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC)));
+        const __m512i thr = _mm512_cvttps_epu32(
+            _mm512_roundscale_ps(scaled, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
+        const __m512i hashed = mix(element);
+        _mm512_store_si512(all_mixed.p + (i * blocks + blk) * 16, hashed);
+        _mm512_store_si512(all_threshold.p + (i * blocks + blk) * 16, thr);
+        const __mmask16 fire = _mm512_cmpeq_epi32_mask(thr, always);
+        const __mmask16 open = _mm512_test_epi32_mask(thr, thr) & ~fire;
+        // Register compress, then a full store: the memory form of VPCOMPRESSD is microcoded
+        // on Zen 4. The 16 lanes past n are overwritten by the next block or the padding.
+        _mm512_storeu_si512(row_mixed + n, _mm512_maskz_compress_epi32(open, hashed));
+        _mm512_storeu_si512(row_threshold + n, _mm512_maskz_compress_epi32(open, thr));
+        n += _mm_popcnt_u32(open);
+        row_undecided[blk] = open;
+        row_fires[blk] = fire;
       }
+      const int64_t word_end = (n + 63) / 64 * 64;
+      for (int64_t o = n; o < word_end; o += 16)  // the last word's spare lanes
+        _mm512_mask_storeu_epi32(row_threshold + o, tail_mask16(word_end - o),
+                                 _mm512_setzero_si512());
+      for (int64_t blk = blocks; blk < words * 4; ++blk) row_undecided[blk] = row_fires[blk] = 0;
+      dense_count[i] = n;
     }
     for (int64_t s = 0; s < a.steps; ++s) {
       const __m512i key = _mm512_set1_epi32(static_cast<int>(a.step_keys[s]));
       for (int64_t i = 0; i < rows; ++i) {
-        uint16_t* out = reinterpret_cast<uint16_t*>(a.spikes + (s * a.M + m0 + i) * a.kw64);
-        for (int64_t blk = 0; blk < blocks; ++blk) {
-          const int64_t o = (i * blocks + blk) * 16;
-          const __m512i h = mix(_mm512_xor_si512(_mm512_load_si512(mixed.p + o), key));
-          out[blk] = static_cast<uint16_t>(_mm512_cmplt_epu32_mask(
-              _mm512_srli_epi32(h, 8), _mm512_load_si512(threshold.p + o)));
+        uint64_t* out = a.spikes + (s * a.M + m0 + i) * words;
+        if (dense_count[i] * 4 > blocks * 16 * 3) {  // mostly undecided: every element drawn
+          uint16_t* out16 = reinterpret_cast<uint16_t*>(out);
+          for (int64_t blk = 0; blk < blocks; ++blk) {
+            const int64_t o = (i * blocks + blk) * 16;
+            const __m512i h = mix(_mm512_xor_si512(_mm512_load_si512(all_mixed.p + o), key));
+            out16[blk] = static_cast<uint16_t>(_mm512_cmplt_epu32_mask(
+                _mm512_srli_epi32(h, 8), _mm512_load_si512(all_threshold.p + o)));
+          }
+          for (int64_t blk = blocks; blk < words * 4; ++blk) out16[blk] = 0;
+          continue;
         }
-        for (int64_t blk = blocks; blk < a.kw64 * 4; ++blk) out[blk] = 0;
+        const uint32_t* row_mixed = mixed.p + i * dense_len;
+        const uint32_t* row_threshold = threshold.p + i * dense_len;
+        // The stream is written in whole words: the deposit loop reads it back at once, and a
+        // word load spanning several 16-bit stores would miss store-to-load forwarding.
+        const int64_t dense_words = (dense_count[i] + 63) / 64;
+        for (int64_t w = 0; w < dense_words; ++w) {
+          uint64_t word = 0;
+#pragma GCC unroll 4
+          for (int q = 0; q < 4; ++q) {
+            const int64_t o = (w * 4 + q) * 16;
+            const __m512i h = mix(_mm512_xor_si512(_mm512_loadu_si512(row_mixed + o), key));
+            const __mmask16 fired = _mm512_cmplt_epu32_mask(_mm512_srli_epi32(h, 8),
+                                                           _mm512_loadu_si512(row_threshold + o));
+            word |= static_cast<uint64_t>(fired) << (16 * q);
+          }
+          stream.p[w] = word;
+        }
+        const uint64_t* row_undecided = undecided.p + i * words;
+        const uint64_t* row_fires = fires.p + i * words;
+        int64_t offset = 0;
+        for (int64_t w = 0; w < words; ++w) {
+          const int64_t len = _mm_popcnt_u64(row_undecided[w]);
+          out[w] = _pdep_u64(bit_field(stream.p, offset, len), row_undecided[w]) | row_fires[w];
+          offset += len;
+        }
       }
     }
   }
