@@ -382,11 +382,14 @@ def test_bernoulli_pack_matches_rng(K, full, kernel_path):
         assert torch.equal(cb.unpack_spikes(packed, K), ref)
 
 
-@pytest.mark.parametrize("K,silent", [(37, 0.5), (200, 0.5), (200, 0.9), (1536, 0.5)])
+@pytest.mark.parametrize(
+    "K,silent", [(15, 0.5), (37, 0.5), (64, 0.5), (65, 0.1), (200, 0.5), (200, 0.9), (1536, 0.5)]
+)
 def test_bernoulli_pack_with_silent_inputs(K, silent, kernel_path):
     """Trained models leave about half their inputs silent (rate 0) or saturated (rate 1):
     scattered zeros and ones, whole silent and whole saturated rows, and drawn elements
-    straddling words give the reference's spikes."""
+    straddling words give the reference's spikes. The kernel hashes only the undecided elements
+    of a row, packed, unless over three quarters of them are (silent 0.1): both paths."""
     gen = torch.Generator().manual_seed(K)
     B, N, full, seed, stream, steps = 2, 9, K + 11, 4, 9, 5
     rates = torch.rand(B, N, K, generator=gen)
