@@ -258,26 +258,6 @@ constexpr float kWelfordWeights[16] = {
     1.0f / 1, 1.0f / 2,  1.0f / 3,  1.0f / 4,  1.0f / 5,  1.0f / 6,  1.0f / 7,  1.0f / 8,
     1.0f / 9, 1.0f / 10, 1.0f / 11, 1.0f / 12, 1.0f / 13, 1.0f / 14, 1.0f / 15, 1.0f / 16};
 
-// Welford moments (per lane) of G consecutive chunks of R rows, chunk `first` on, each chunk
-// `length` vectors long and started from zero; the G x R chains are interleaved.
-template <class Vec, int R, int G>
-inline void chunk_moments(const float* const* x, int64_t first, int64_t length, Vec (*m1)[R],
-                          Vec (*m2)[R]) {
-  constexpr int64_t kLanes = Vec::kLanes, kChunk = 16;
-  for (int h = 0; h < G; ++h)
-    for (int r = 0; r < R; ++r) m1[h][r] = m2[h][r] = Vec::set1(0.0f);
-  for (int64_t j = 0; j < length; ++j) {
-    const Vec c = Vec::set1(kWelfordWeights[j]);
-    for (int h = 0; h < G; ++h)
-      for (int r = 0; r < R; ++r) {
-        const Vec xv = Vec::load(x[r] + ((first + h) * kChunk + j) * kLanes);
-        const Vec delta = xv - m1[h][r];
-        m1[h][r] = Vec::fmadd(c, delta, m1[h][r]);
-        m2[h][r] = Vec::fmadd(delta, xv - m1[h][r], m2[h][r]);
-      }
-  }
-}
-
 // R rows of equal length at once: the same arithmetic per row, interleaved so that the Welford
 // dependency chains of different rows overlap.
 template <class Vec, int R>
@@ -294,30 +274,22 @@ inline void rowwise_moments(const float* const* x, int64_t len, float* mean, flo
       m0_stk[r][i] = 0;
       m1_stk[r][i] = m2_stk[r][i] = Vec::set1(0.0f);
     }
-  // Chunk moments, each chunk from zero: up to three chunks at a time so that their Welford
-  // chains (a subtract and an FMA of latency per element) overlap, then merged in order.
-  Vec chunk_m1[3][R], chunk_m2[3][R];
-  auto chunk_length = [&](int64_t i) { return n - i * kChunk < kChunk ? n - i * kChunk : kChunk; };
-  int64_t group_first = 0, group_end = 0;  // the chunks in chunk_m1 / chunk_m2
   for (int64_t i = 0; i < chunks; ++i) {
-    const int64_t m0 = chunk_length(i);
-    if (i == group_end) {
-      int64_t whole = 0;  // whole chunks from i (only the last chunk can be short)
-      while (whole < 3 && i + whole < chunks && chunk_length(i + whole) == kChunk) ++whole;
-      if (whole == 3)
-        chunk_moments<Vec, R, 3>(x, i, kChunk, chunk_m1, chunk_m2);
-      else if (whole == 2)
-        chunk_moments<Vec, R, 2>(x, i, kChunk, chunk_m1, chunk_m2);
-      else
-        chunk_moments<Vec, R, 1>(x, i, m0, chunk_m1, chunk_m2);
-      group_first = i;
-      group_end = i + (whole > 1 ? whole : 1);
+    const int64_t m0 = n - i * kChunk < kChunk ? n - i * kChunk : kChunk;
+    Vec m1[R], m2[R];
+    for (int r = 0; r < R; ++r) m1[r] = m2[r] = Vec::set1(0.0f);
+    for (int64_t j = 0; j < m0; ++j) {
+      const Vec c = Vec::set1(kWelfordWeights[j]);
+      for (int r = 0; r < R; ++r) {
+        const Vec xv = Vec::load(x[r] + (i * kChunk + j) * kLanes);
+        const Vec delta = xv - m1[r];
+        m1[r] = Vec::fmadd(c, delta, m1[r]);
+        m2[r] = Vec::fmadd(delta, xv - m1[r], m2[r]);
+      }
     }
-    const int64_t slot = i - group_first;
     const float c0 = merge_weight(m0_stk[0][0], m0);
     for (int r = 0; r < R; ++r)
-      add_moments_vec(m0, chunk_m1[slot][r], chunk_m2[slot][r], c0, m0_stk[r][0], m1_stk[r][0],
-                      m2_stk[r][0]);
+      add_moments_vec(m0, m1[r], m2[r], c0, m0_stk[r][0], m1_stk[r][0], m2_stk[r][0]);
     int64_t mask = i + 1;
     for (int64_t j = 1; j < depth && (mask & 1) == 0; ++j) {
       const float c = merge_weight(m0_stk[0][j], m0_stk[0][j - 1]);

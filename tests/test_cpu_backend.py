@@ -192,9 +192,9 @@ def _linear_reference(x, signs, alpha, bias, epilogue, residual=None, ln=None, g
     return cur
 
 
-# Row lengths around the LayerNorm moments' chunks of 16 x 8 floats, computed up to three at a
-# time: one short chunk, one whole, two, two and a short one, three, three and a short one, three
-# then a lone whole one then a short one, four groups of three, many, a scalar tail.
+# Row lengths around the LayerNorm moments' chunks of 16 x 8 floats and their merge cascade: one
+# short chunk, one whole, two, two and a short one, three, three and a short one, four and a short
+# one, twelve, many and a scalar tail.
 @pytest.mark.parametrize("N", [8, 130, 256, 264, 384, 392, 520, 1536, 2061])
 def test_layer_norm_epilogue_is_torchs_bits(N, kernel_path):
     T, M, K = 2, 7, 70
