@@ -748,13 +748,17 @@ void bernoulli_avx512(const BernoulliArgs& a, int64_t begin, int64_t end) {
   const int64_t blocks = (a.K + 15) / 16;
   const __m512i m1 = _mm512_set1_epi32(0x7feb352d);
   const __m512i m2 = _mm512_set1_epi32(static_cast<int>(0x846ca68bu));
-  auto mix = [&](__m512i x) {
-    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  // mix32 split after its first xor-shift, which distributes over the step key's xor:
+  // (m ^ k) ^ ((m ^ k) >> 16) = (m ^ (m >> 16)) ^ (k ^ (k >> 16)), so the per-element half is
+  // stored once and every step starts at the first multiply.
+  auto xorshift16 = [](__m512i x) { return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16)); };
+  auto mix_rest = [&](__m512i x) {
     x = _mm512_mullo_epi32(x, m1);
     x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
     x = _mm512_mullo_epi32(x, m2);
     return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
   };
+  auto mix = [&](__m512i x) { return mix_rest(xorshift16(x)); };
   // u = (h >> 8) * 2^-24 < rate  <=>  (h >> 8) < ceil(rate * 2^24), both sides exact (an integer
   // below 2^24 and a power-of-two scaling), so each element's threshold is formed once and every
   // step compares integers. Lanes past K get threshold 0: they never fire.
@@ -802,7 +806,7 @@ void bernoulli_avx512(const BernoulliArgs& a, int64_t begin, int64_t end) {
             _mm512_max_ps(_mm512_mul_ps(rate, two_p24), _mm512_setzero_ps()), two_p24);
         const __m512i thr = _mm512_cvttps_epu32(
             _mm512_roundscale_ps(scaled, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
-        const __m512i hashed = mix(element);
+        const __m512i hashed = xorshift16(mix(element));  // the step-independent half
         _mm512_store_si512(all_mixed.p + (i * blocks + blk) * 16, hashed);
         _mm512_store_si512(all_threshold.p + (i * blocks + blk) * 16, thr);
         const __mmask16 fire = _mm512_cmpeq_epi32_mask(thr, always);
@@ -823,14 +827,14 @@ void bernoulli_avx512(const BernoulliArgs& a, int64_t begin, int64_t end) {
       dense_count[i] = n;
     }
     for (int64_t s = 0; s < a.steps; ++s) {
-      const __m512i key = _mm512_set1_epi32(static_cast<int>(a.step_keys[s]));
+      const __m512i key = xorshift16(_mm512_set1_epi32(static_cast<int>(a.step_keys[s])));
       for (int64_t i = 0; i < rows; ++i) {
         uint64_t* out = a.spikes + (s * a.M + m0 + i) * words;
         if (dense_count[i] * 4 > blocks * 16 * 3) {  // mostly undecided: every element drawn
           uint16_t* out16 = reinterpret_cast<uint16_t*>(out);
           for (int64_t blk = 0; blk < blocks; ++blk) {
             const int64_t o = (i * blocks + blk) * 16;
-            const __m512i h = mix(_mm512_xor_si512(_mm512_load_si512(all_mixed.p + o), key));
+            const __m512i h = mix_rest(_mm512_xor_si512(_mm512_load_si512(all_mixed.p + o), key));
             out16[blk] = static_cast<uint16_t>(_mm512_cmplt_epu32_mask(
                 _mm512_srli_epi32(h, 8), _mm512_load_si512(all_threshold.p + o)));
           }
@@ -847,7 +851,7 @@ void bernoulli_avx512(const BernoulliArgs& a, int64_t begin, int64_t end) {
 #pragma GCC unroll 4
           for (int q = 0; q < 4; ++q) {
             const int64_t o = (w * 4 + q) * 16;
-            const __m512i h = mix(_mm512_xor_si512(_mm512_loadu_si512(row_mixed + o), key));
+            const __m512i h = mix_rest(_mm512_xor_si512(_mm512_loadu_si512(row_mixed + o), key));
             const __mmask16 fired = _mm512_cmplt_epu32_mask(_mm512_srli_epi32(h, 8),
                                                            _mm512_loadu_si512(row_threshold + o));
             word |= static_cast<uint64_t>(fired) << (16 * q);
