@@ -3,7 +3,9 @@
 The sources in `csrc/` (shipped as `spikeinfer.csrc`) are compiled on first use with
 `torch.utils.cpp_extension` + ninja into `~/.cache/spikeinfer/cpu-<hash>/` (keyed by the sources,
 torch version and flags; `SPIKEINFER_CACHE_DIR` moves it, `SPIKEINFER_VERBOSE_BUILD=1` shows the
-compiler) and registered as torch ops in the `spikeinfer_cpu` namespace. The kernels pick AVX-512
+compiler) and registered as torch ops in the `spikeinfer_cpu` namespace.
+`SPIKEINFER_CPU_SANITIZE=1` builds them with AddressSanitizer instead (a build of its own; the
+process must preload libasan, as `tests/asan_ops.py` shows). The kernels pick AVX-512
 VPOPCNTDQ at run time when the CPU has it and fall back to portable C++ otherwise, or when
 `SPIKEINFER_CPU_PORTABLE=1` is set (read at every call); both paths give identical results.
 
@@ -40,6 +42,18 @@ _CFLAGS = [
     "-fno-tree-loop-distribute-patterns",
 ]
 _LDFLAGS = ["-fopenmp"]
+_SANITIZE_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer"]
+
+
+def _build_flags() -> tuple[list[str], list[str]]:
+    """(cflags, ldflags) of this process's build: AddressSanitizer when SPIKEINFER_CPU_SANITIZE=1
+    (the kernels' scratch and output buffers are hand-indexed; a checked build finds overruns
+    that land in other allocations unnoticed)."""
+    if os.environ.get("SPIKEINFER_CPU_SANITIZE") == "1":
+        return _CFLAGS + _SANITIZE_FLAGS, _LDFLAGS + _SANITIZE_FLAGS
+    return _CFLAGS, _LDFLAGS
+
+
 _lock = threading.Lock()
 _loaded = False
 _load_error: str | None = None
@@ -85,13 +99,13 @@ def _check_toolchain():
         ) from err
 
 
-def _build_dir(sources: list[Path]) -> tuple[str, Path]:
+def _build_dir(sources: list[Path], flags: list[str]) -> tuple[str, Path]:
     digest = hashlib.sha256()
     for src in sources:
         digest.update(src.name.encode())
         digest.update(src.read_bytes())
     digest.update(torch.__version__.encode())
-    digest.update(" ".join(_CFLAGS + _LDFLAGS).encode())
+    digest.update(" ".join(flags).encode())
     key = digest.hexdigest()[:16]
     root = Path(os.environ.get("SPIKEINFER_CACHE_DIR", "~/.cache/spikeinfer")).expanduser()
     path = root / f"cpu-{key}"
@@ -172,7 +186,8 @@ def load_library():
             ):
                 src = _source_dir()
                 sources = sorted(src.glob("*.cpp")) + sorted(src.glob("*.h"))
-                name, build_dir = _build_dir(sources)
+                cflags, ldflags = _build_flags()
+                name, build_dir = _build_dir(sources, cflags + ldflags)
                 if not (build_dir / f"{name}.so").is_file():  # a cached build needs no compiler
                     _check_toolchain()
                 from torch.utils.cpp_extension import load
@@ -181,8 +196,8 @@ def load_library():
                     load(
                         name=name,
                         sources=[str(s) for s in sources if s.suffix == ".cpp"],
-                        extra_cflags=_CFLAGS,
-                        extra_ldflags=_LDFLAGS,
+                        extra_cflags=cflags,
+                        extra_ldflags=ldflags,
                         extra_include_paths=[str(src)],
                         build_directory=str(build_dir),
                         is_python_module=False,

@@ -117,6 +117,44 @@ def test_missing_compiler_is_reported(tmp_path):
     assert "False" in out.stdout and "g++" in out.stdout and "ninja" in out.stdout
 
 
+def _libasan() -> str | None:
+    """gcc's AddressSanitizer runtime, when this machine has one."""
+    try:
+        out = subprocess.run(
+            ["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out if os.path.isabs(out) and os.path.exists(out) else None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="AddressSanitizer preload is Linux-only")
+def test_kernels_under_address_sanitizer():
+    """Every op on odd shapes and both kernel paths with the kernels built under ASan (a build of
+    their own, cached like the normal one): a buffer overrun aborts the run with ASan's report."""
+    libasan = _libasan()
+    if libasan is None:
+        pytest.skip("gcc has no libasan.so here")
+    root = Path(__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        "SPIKEINFER_CPU_SANITIZE": "1",
+        "LD_PRELOAD": libasan,
+        "ASAN_OPTIONS": "detect_leaks=0",  # the interpreter's own allocations are never freed
+    }
+    env.pop("SPIKEINFER_CPU_PORTABLE", None)
+    out = subprocess.run(
+        [sys.executable, str(root / "tests" / "asan_ops.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=900,
+    )
+    report = (out.stdout + out.stderr)[-4000:]
+    assert out.returncode == 0 and out.stdout.strip().endswith("clean"), report
+
+
 def test_isa_and_availability():
     ok, why = cb.is_available()
     assert ok, why
