@@ -49,9 +49,16 @@ def _build_flags() -> tuple[list[str], list[str]]:
     """(cflags, ldflags) of this process's build: AddressSanitizer when SPIKEINFER_CPU_SANITIZE=1
     (the kernels' scratch and output buffers are hand-indexed; a checked build finds overruns
     that land in other allocations unnoticed)."""
-    if os.environ.get("SPIKEINFER_CPU_SANITIZE") == "1":
-        return _CFLAGS + _SANITIZE_FLAGS, _LDFLAGS + _SANITIZE_FLAGS
-    return _CFLAGS, _LDFLAGS
+    if os.environ.get("SPIKEINFER_CPU_SANITIZE") != "1":
+        return _CFLAGS, _LDFLAGS
+    if "libasan" not in os.environ.get("LD_PRELOAD", ""):
+        raise RuntimeError(
+            "SPIKEINFER_CPU_SANITIZE=1 builds the kernels with AddressSanitizer, whose runtime "
+            "must be loaded before Python's: run with LD_PRELOAD=$(gcc "
+            "-print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0, or unset "
+            "SPIKEINFER_CPU_SANITIZE"
+        )
+    return _CFLAGS + _SANITIZE_FLAGS, _LDFLAGS + _SANITIZE_FLAGS
 
 
 _lock = threading.Lock()

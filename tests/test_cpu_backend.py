@@ -128,6 +128,22 @@ def _libasan() -> str | None:
     return out if os.path.isabs(out) and os.path.exists(out) else None
 
 
+def test_sanitized_build_without_the_runtime_is_refused(tmp_path):
+    env = {**os.environ, "SPIKEINFER_CPU_SANITIZE": "1", "SPIKEINFER_CACHE_DIR": str(tmp_path)}
+    env.pop("LD_PRELOAD", None)
+    code = "from spikeinfer import cpu_backend as cb; print(cb.is_available())"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert "False" in out.stdout and "LD_PRELOAD" in out.stdout, out.stdout
+    assert not any(tmp_path.iterdir())  # refused before anything was built
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="AddressSanitizer preload is Linux-only")
 def test_kernels_under_address_sanitizer():
     """Every op on odd shapes and both kernel paths with the kernels built under ASan (a build of
