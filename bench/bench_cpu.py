@@ -45,6 +45,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from provenance import cpu_host  # noqa: E402
+
 from spikeinfer import cpu_backend as cb  # noqa: E402
 from spikeinfer.config import ModelConfig  # noqa: E402
 from spikeinfer.engine import device_name  # noqa: E402
@@ -118,6 +120,7 @@ class Report:
             "date": datetime.date.today().isoformat(),
             "threads": torch.get_num_threads(),
             "kernel_path": cb.isa(),
+            "host": cpu_host(),
         }
 
     def add(self, **row):

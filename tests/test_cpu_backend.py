@@ -816,6 +816,18 @@ def test_bench_times_compared_models_in_alternation():
     assert all(ms >= 0 for t in times.values() for ms in t)
 
 
+def test_bench_records_the_host():
+    cpuinfo = (
+        "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
+        "flags\t\t: fpu avx512f avx512_vpopcntdq amx_int8 amx_tile\n\n"
+        "processor\t: 1\nvendor_id\t: OtherVendor\nflags\t\t: amx_bf16\n"
+    )
+    host = bench_module("provenance").cpu_host(cpuinfo)
+    assert host["vendor"] == "GenuineIntel" and (host["family"], host["model"]) == ("6", "143")
+    assert host["features"] == ["avx512_vpopcntdq", "amx_int8"]
+    assert host["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
 def test_op_profile_counts_the_acs_of_the_cost_model():
     """bench/op_profile.py counts each op call's ACs from its shapes; over a forward pass of a
     pruned model (heads, neurons, per-sublayer timesteps) they add up to spikeinfer.cost's M(h,n,t)
