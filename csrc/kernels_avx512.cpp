@@ -777,72 +777,93 @@ void bernoulli_avx512(const BernoulliArgs& a, int64_t begin, int64_t end) {
   // + padding to whole words of 64 with threshold 0 (the stream's last word hashes them)
   const int64_t dense_len = (blocks * 16 + 16 + 63) / 64 * 64;
   const int64_t words = a.kw64;
+  // Per row of the tile: the hashes' step-independent half and the thresholds, packed (or in
+  // column order for rows drawn directly), and the undecided and always-firing masks.
   Scratch<uint32_t> mixed(kTileRows * dense_len), threshold(kTileRows * dense_len);
-  Scratch<uint32_t> all_mixed(kTileRows * blocks * 16), all_threshold(kTileRows * blocks * 16);
   Scratch<uint64_t> undecided(kTileRows * words), fires(kTileRows * words);
   Scratch<uint64_t> stream(dense_len / 64 + 2);
   int64_t dense_count[kTileRows];
+  auto threshold_of = [&](int64_t m, int64_t blk) {
+    const __m512 rate =
+        _mm512_maskz_loadu_ps(tail_mask16(a.K - blk * 16), a.rates + m * a.K + blk * 16);
+    const __m512 scaled = _mm512_min_ps(
+        _mm512_max_ps(_mm512_mul_ps(rate, two_p24), _mm512_setzero_ps()), two_p24);
+    return _mm512_cvttps_epu32(
+        _mm512_roundscale_ps(scaled, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
+  };
+  auto hashed_of = [&](int64_t m, int64_t blk) {  // xorshift16(mix32(element))
+    const __mmask16 valid = tail_mask16(a.K - blk * 16);
+    const __m512i row_base = _mm512_set1_epi64(m * a.full_width);
+    const __m512i lo = _mm512_add_epi64(
+        row_base, _mm512_maskz_loadu_epi64(static_cast<__mmask8>(valid), a.cols + blk * 16));
+    const __m512i hi = _mm512_add_epi64(
+        row_base,
+        _mm512_maskz_loadu_epi64(static_cast<__mmask8>(valid >> 8), a.cols + blk * 16 + 8));
+    const __m512i element = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)), _mm512_cvtepi64_epi32(hi), 1);
+    return xorshift16(mix(element));
+  };
+  auto drawn_directly = [&](int64_t i) { return dense_count[i] * 4 > blocks * 16 * 3; };
   for (int64_t m0 = begin; m0 < end; m0 += kTileRows) {
     const int64_t rows = std::min(kTileRows, end - m0);
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t m = m0 + i;
-      const __m512i row_base = _mm512_set1_epi64(m * a.full_width);
       uint32_t* row_mixed = mixed.p + i * dense_len;
       uint32_t* row_threshold = threshold.p + i * dense_len;
       uint16_t* row_undecided = reinterpret_cast<uint16_t*>(undecided.p + i * words);
       uint16_t* row_fires = reinterpret_cast<uint16_t*>(fires.p + i * words);
       int64_t n = 0;
-      for (int64_t blk = 0; blk < blocks; ++blk) {
-        const __mmask16 valid = tail_mask16(a.K - blk * 16);
-        const __m512i lo = _mm512_add_epi64(
-            row_base, _mm512_maskz_loadu_epi64(static_cast<__mmask8>(valid), a.cols + blk * 16));
-        const __m512i hi = _mm512_add_epi64(
-            row_base,
-            _mm512_maskz_loadu_epi64(static_cast<__mmask8>(valid >> 8), a.cols + blk * 16 + 8));
-        const __m512i element = _mm512_inserti64x4(
-            _mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)), _mm512_cvtepi64_epi32(hi), 1);
-        const __m512 rate = _mm512_maskz_loadu_ps(valid, a.rates + m * a.K + blk * 16);
-        const __m512 scaled = _mm512_min_ps(
-            _mm512_max_ps(_mm512_mul_ps(rate, two_p24), _mm512_setzero_ps()), two_p24);
-        const __m512i thr = _mm512_cvttps_epu32(
-            _mm512_roundscale_ps(scaled, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
-        const __m512i hashed = xorshift16(mix(element));  // the step-independent half
-        _mm512_store_si512(all_mixed.p + (i * blocks + blk) * 16, hashed);
-        _mm512_store_si512(all_threshold.p + (i * blocks + blk) * 16, thr);
+      for (int64_t blk = 0; blk < blocks; ++blk) {  // the masks, to choose the row's path
+        const __m512i thr = threshold_of(m, blk);
         const __mmask16 fire = _mm512_cmpeq_epi32_mask(thr, always);
         const __mmask16 open = _mm512_test_epi32_mask(thr, thr) & ~fire;
-        // Register compress, then a full store: the memory form of VPCOMPRESSD is microcoded
-        // on Zen 4. The 16 lanes past n are overwritten by the next block or the padding.
-        _mm512_storeu_si512(row_mixed + n, _mm512_maskz_compress_epi32(open, hashed));
-        _mm512_storeu_si512(row_threshold + n, _mm512_maskz_compress_epi32(open, thr));
         n += _mm_popcnt_u32(open);
         row_undecided[blk] = open;
         row_fires[blk] = fire;
+      }
+      for (int64_t blk = blocks; blk < words * 4; ++blk) row_undecided[blk] = row_fires[blk] = 0;
+      dense_count[i] = n;
+      if (drawn_directly(i)) {
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+          _mm512_store_si512(row_mixed + blk * 16, hashed_of(m, blk));
+          _mm512_store_si512(row_threshold + blk * 16, threshold_of(m, blk));
+        }
+        continue;
+      }
+      int64_t packed = 0;
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        // Register compress, then a full store: the memory form of VPCOMPRESSD is microcoded
+        // on Zen 4. The 16 lanes past the packed count are overwritten by the next block or
+        // the padding.
+        const __mmask16 open = row_undecided[blk];
+        _mm512_storeu_si512(row_mixed + packed,
+                            _mm512_maskz_compress_epi32(open, hashed_of(m, blk)));
+        _mm512_storeu_si512(row_threshold + packed,
+                            _mm512_maskz_compress_epi32(open, threshold_of(m, blk)));
+        packed += _mm_popcnt_u32(open);
       }
       const int64_t word_end = (n + 63) / 64 * 64;
       for (int64_t o = n; o < word_end; o += 16)  // the last word's spare lanes
         _mm512_mask_storeu_epi32(row_threshold + o, tail_mask16(word_end - o),
                                  _mm512_setzero_si512());
-      for (int64_t blk = blocks; blk < words * 4; ++blk) row_undecided[blk] = row_fires[blk] = 0;
-      dense_count[i] = n;
     }
     for (int64_t s = 0; s < a.steps; ++s) {
       const __m512i key = xorshift16(_mm512_set1_epi32(static_cast<int>(a.step_keys[s])));
       for (int64_t i = 0; i < rows; ++i) {
         uint64_t* out = a.spikes + (s * a.M + m0 + i) * words;
-        if (dense_count[i] * 4 > blocks * 16 * 3) {  // mostly undecided: every element drawn
+        const uint32_t* row_mixed = mixed.p + i * dense_len;
+        const uint32_t* row_threshold = threshold.p + i * dense_len;
+        if (drawn_directly(i)) {  // mostly undecided: every element drawn
           uint16_t* out16 = reinterpret_cast<uint16_t*>(out);
           for (int64_t blk = 0; blk < blocks; ++blk) {
-            const int64_t o = (i * blocks + blk) * 16;
-            const __m512i h = mix_rest(_mm512_xor_si512(_mm512_load_si512(all_mixed.p + o), key));
+            const __m512i h =
+                mix_rest(_mm512_xor_si512(_mm512_load_si512(row_mixed + blk * 16), key));
             out16[blk] = static_cast<uint16_t>(_mm512_cmplt_epu32_mask(
-                _mm512_srli_epi32(h, 8), _mm512_load_si512(all_threshold.p + o)));
+                _mm512_srli_epi32(h, 8), _mm512_load_si512(row_threshold + blk * 16)));
           }
           for (int64_t blk = blocks; blk < words * 4; ++blk) out16[blk] = 0;
           continue;
         }
-        const uint32_t* row_mixed = mixed.p + i * dense_len;
-        const uint32_t* row_threshold = threshold.p + i * dense_len;
         // The stream is written in whole words: the deposit loop reads it back at once, and a
         // word load spanning several 16-bit stores would miss store-to-load forwarding.
         const int64_t dense_words = (dense_count[i] + 63) / 64;
