@@ -99,22 +99,23 @@ def test_pack_roundtrip_and_bit_order(K):
     assert torch.equal(as_bytes, pack_signs_uint8(signs))
 
 
-def test_missing_compiler_is_reported(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "CXX": "/nonexistent/c++", "SPIKEINFER_CACHE_DIR": str(tmp_path)}
+def _availability_in_fresh_process(env: dict) -> str:
+    """What `cpu_backend.is_available()` prints in a new interpreter with this environment."""
     code = "from spikeinfer import cpu_backend as cb; print(cb.is_available())"
-    out = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", code],
         env=env,
         capture_output=True,
         text=True,
         check=True,
         cwd=Path(__file__).resolve().parent.parent,
-    )
-    assert "False" in out.stdout and "g++" in out.stdout and "ninja" in out.stdout
+    ).stdout
+
+
+def test_missing_compiler_is_reported(tmp_path):
+    env = {**os.environ, "CXX": "/nonexistent/c++", "SPIKEINFER_CACHE_DIR": str(tmp_path)}
+    out = _availability_in_fresh_process(env)
+    assert "False" in out and "g++" in out and "ninja" in out
 
 
 def _libasan() -> str | None:
@@ -131,16 +132,8 @@ def _libasan() -> str | None:
 def test_sanitized_build_without_the_runtime_is_refused(tmp_path):
     env = {**os.environ, "SPIKEINFER_CPU_SANITIZE": "1", "SPIKEINFER_CACHE_DIR": str(tmp_path)}
     env.pop("LD_PRELOAD", None)
-    code = "from spikeinfer import cpu_backend as cb; print(cb.is_available())"
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    assert "False" in out.stdout and "LD_PRELOAD" in out.stdout, out.stdout
+    out = _availability_in_fresh_process(env)
+    assert "False" in out and "LD_PRELOAD" in out, out
     assert not any(tmp_path.iterdir())  # refused before anything was built
 
 
