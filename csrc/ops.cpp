@@ -1,6 +1,6 @@
 // Torch op layer of the spikeinfer CPU backend: argument checks, output allocation, run-time ISA
-// dispatch (AVX-512 VPOPCNTDQ when the CPU has it and SPIKEINFER_CPU_PORTABLE is unset, the
-// portable kernels otherwise; read at every call) and threading over rows with at::parallel_for.
+// dispatch (AVX-512 VPOPCNTDQ, else AVX2, else the portable kernels, or the lower path that
+// SPIKEINFER_CPU_ISA names; read at every call) and threading over rows with at::parallel_for.
 //
 // Packed spike layout everywhere: int64 words [..., ceil(F / 64)], bit f % 64 of word f / 64 is
 // feature f (little-endian), padding bits zero. Signs pack the same way with bit = 1 for +1.
@@ -25,23 +25,63 @@ namespace {
 
 using at::Tensor;
 
-bool cpu_has_avx512() {
-  static const bool has = [] {
+// The kernel paths, fastest last. AVX2 (with FMA, POPCNT, BMI1/2) covers the x86-64 CPUs without
+// AVX-512 VPOPCNTDQ (AMD Zen 1-3, Intel Haswell to Comet Lake), where the portable loops run about
+// a hundred times slower than the vector kernels.
+enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512-vpopcntdq";
+    case Isa::kAvx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+Isa cpu_best_isa() {
+  static const Isa best = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512vpopcntdq");
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512vpopcntdq"))
+      return Isa::kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("bmi") &&
+        __builtin_cpu_supports("bmi2"))
+      return Isa::kAvx2;
+    return Isa::kPortable;
   }();
-  return has;
+  return best;
 }
 
-bool use_avx512() {
-  const char* env = std::getenv("SPIKEINFER_CPU_PORTABLE");
-  if (env != nullptr && env[0] != '\0' && std::strcmp(env, "0") != 0) return false;
-  return cpu_has_avx512();
+// The path of this call: the CPU's best, or the one SPIKEINFER_CPU_ISA names (portable, avx2,
+// avx512; read at every call so tests can compare paths in one process). SPIKEINFER_CPU_PORTABLE=1
+// is the older spelling of SPIKEINFER_CPU_ISA=portable. A path the CPU cannot run is an error,
+// never a silent substitute.
+Isa active_isa() {
+  const char* portable = std::getenv("SPIKEINFER_CPU_PORTABLE");
+  if (portable != nullptr && portable[0] != '\0' && std::strcmp(portable, "0") != 0)
+    return Isa::kPortable;
+  const Isa best = cpu_best_isa();
+  const char* env = std::getenv("SPIKEINFER_CPU_ISA");
+  if (env == nullptr || env[0] == '\0') return best;
+  Isa wanted;
+  if (std::strcmp(env, "portable") == 0)
+    wanted = Isa::kPortable;
+  else if (std::strcmp(env, "avx2") == 0)
+    wanted = Isa::kAvx2;
+  else if (std::strcmp(env, "avx512") == 0 || std::strcmp(env, "avx512-vpopcntdq") == 0)
+    wanted = Isa::kAvx512;
+  else
+    TORCH_CHECK(false, "spikeinfer_cpu: SPIKEINFER_CPU_ISA must be portable, avx2 or avx512, got '",
+                env, "'");
+  TORCH_CHECK(static_cast<int>(wanted) <= static_cast<int>(best),
+              "spikeinfer_cpu: SPIKEINFER_CPU_ISA=", env, " asks for a kernel path this CPU cannot "
+              "run (its best is ", isa_name(best), "); unset it or name a lower one");
+  return wanted;
 }
 
-std::string isa() { return use_avx512() ? "avx512-vpopcntdq" : "portable"; }
+std::string isa() { return isa_name(active_isa()); }
 
 int64_t words_for(int64_t features) { return (features + 63) / 64; }
 
@@ -107,17 +147,41 @@ std::vector<uint32_t> interleave_signs(const uint64_t* w, int64_t N, int64_t K, 
   return il;
 }
 
+// +1-sign words of 8 output columns interleaved per 32-bit input word and split into nibbles:
+// [ceil(N/8), kw32, 2, 8] holding w & 0x0f0f0f0f, then (w >> 4) & 0x0f0f0f0f (the AVX2 path's
+// table-lookup popcount indexes bytes by nibble); padding bits and padding columns zero.
+std::vector<uint32_t> nibble_signs(const uint64_t* w, int64_t N, int64_t K, int64_t kw64) {
+  const int64_t kw32 = (K + 31) / 32, groups = (N + 7) / 8;
+  const uint32_t tail = K % 32 == 0 ? 0xFFFFFFFFu : (1u << (K % 32)) - 1;
+  std::vector<uint32_t> il(static_cast<size_t>(std::max<int64_t>(groups * kw32 * 16, 1)), 0u);
+  for (int64_t n = 0; n < N; ++n) {
+    const uint32_t* w32 = reinterpret_cast<const uint32_t*>(w + n * kw64);
+    for (int64_t k = 0; k < kw32; ++k) {
+      const uint32_t word = k == kw32 - 1 ? w32[k] & tail : w32[k];
+      uint32_t* slot = il.data() + ((n / 8) * kw32 + k) * 16 + n % 8;
+      slot[0] = word & 0x0f0f0f0fu;
+      slot[8] = (word >> 4) & 0x0f0f0f0fu;
+    }
+  }
+  return il;
+}
+
 void run_linear(LinearNeuronArgs& a) {
-  const bool avx = use_avx512();
+  const Isa path = active_isa();
   std::vector<uint32_t> il;
-  if (avx) {
+  if (path == Isa::kAvx512) {
     il = interleave_signs(a.w, a.N, a.K, a.kw64);
+    a.w_il = il.data();
+  } else if (path == Isa::kAvx2) {
+    il = nibble_signs(a.w, a.N, a.K, a.kw64);
     a.w_il = il.data();
   }
   const double work = static_cast<double>(a.T) * (a.N + 1) * (a.kw64 + 4);
   at::parallel_for(0, a.M, grain_for(a.M, work), [&](int64_t begin, int64_t end) {
-    if (avx)
+    if (path == Isa::kAvx512)
       linear_neuron_avx512(a, begin, end);
+    else if (path == Isa::kAvx2)
+      linear_neuron_avx2(a, begin, end);
     else
       linear_neuron_portable(a, begin, end);
   });
@@ -231,10 +295,12 @@ std::tuple<Tensor, Tensor> neuron_scan(const Tensor& current, double v_th, doubl
   a.neuron = neuron_spec(v_th, leak, fire_on_ge);
   a.spikes = mutable_words(spikes);
   a.rates = rates.mutable_data_ptr<float>();
-  const bool avx = use_avx512();
+  const Isa path = active_isa();
   at::parallel_for(0, M, grain_for(M, static_cast<double>(T) * N), [&](int64_t b, int64_t e) {
-    if (avx)
+    if (path == Isa::kAvx512)
       scan_avx512(a, b, e);
+    else if (path == Isa::kAvx2)
+      scan_avx2(a, b, e);
     else
       scan_portable(a, b, e);
   });
@@ -373,10 +439,12 @@ std::tuple<Tensor, Tensor, Tensor> spiking_attention_neuron(
   a.current = return_current ? current.mutable_data_ptr<float>() : nullptr;
   a.group_heads = attention_group_heads(heads, d, B, at::get_num_threads());
   const int64_t tasks = B * ((heads + a.group_heads - 1) / a.group_heads);
-  const bool avx = use_avx512();
+  const Isa path = active_isa();
   at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
-    if (avx)
+    if (path == Isa::kAvx512)
       attention_avx512(a, b, e);
+    else if (path == Isa::kAvx2)
+      attention_avx2(a, b, e);
     else
       attention_portable(a, b, e);
   });
@@ -414,10 +482,12 @@ Tensor bernoulli_pack(const Tensor& rates, const Tensor& columns, int64_t full_w
   a.steps = steps;
   a.step_keys = keys.data();
   a.spikes = mutable_words(out);
-  const bool avx = use_avx512();
+  const Isa path = active_isa();
   at::parallel_for(0, M, grain_for(M, static_cast<double>(K) * steps), [&](int64_t b, int64_t e) {
-    if (avx)
+    if (path == Isa::kAvx512)
       bernoulli_avx512(a, b, e);
+    else if (path == Isa::kAvx2)
+      bernoulli_avx2(a, b, e);
     else
       bernoulli_portable(a, b, e);
   });

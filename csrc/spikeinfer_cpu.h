@@ -14,10 +14,10 @@
 //                       fire_on_ge);  V = H - v_th * S
 //   Bernoulli draws     the counter-based hash of spikeinfer/rng.py
 //
-// The portable and AVX-512 translation units both include this header. The scalar functions below
-// are exact replicas of the float arithmetic of PyTorch's CPU kernels (LayerNorm moments, the exp
-// and summation order of its softmax), written with explicit std::fma wherever PyTorch's build
-// fuses, so that with -ffp-contract=off both paths and the reference round identically wherever
+// The portable, AVX2 and AVX-512 translation units all include this header. The scalar functions
+// below are exact replicas of the float arithmetic of PyTorch's CPU kernels (LayerNorm moments,
+// the exp and summation order of its softmax), written with explicit std::fma wherever PyTorch's
+// build fuses, so that with -ffp-contract=off every path and the reference round identically where
 // the reference's order of operations is known (the projections' integer counts always are).
 
 #pragma once
@@ -49,7 +49,9 @@ struct LinearNeuronArgs {
   const uint64_t* x = nullptr;  // packed input spikes [T, M, kw64]
   int64_t T = 1, M = 0, K = 0, kw64 = 0;
   const uint64_t* w = nullptr;  // packed +1 signs [N, kw64] (portable path)
-  const uint32_t* w_il = nullptr;  // 16-column interleaved [ceil(N/16), kw32, 16] (AVX-512 path)
+  // AVX-512 path: 16-column interleaved [ceil(N/16), kw32, 16]; AVX2 path: 8-column interleaved
+  // nibbles [ceil(N/8), kw32, 2, 8] (w & 0x0f0f0f0f, then (w >> 4) & 0x0f0f0f0f); null otherwise
+  const uint32_t* w_il = nullptr;
   const float* alpha = nullptr;    // [N]
   const float* bias = nullptr;     // [N]
   int64_t N = 0, nw64 = 0;
@@ -107,12 +109,16 @@ struct BernoulliArgs {
 // attention); the op layer splits the range over threads.
 void linear_neuron_portable(const LinearNeuronArgs& a, int64_t begin, int64_t end);
 void linear_neuron_avx512(const LinearNeuronArgs& a, int64_t begin, int64_t end);
+void linear_neuron_avx2(const LinearNeuronArgs& a, int64_t begin, int64_t end);
 void attention_portable(const AttentionArgs& a, int64_t begin, int64_t end);
 void attention_avx512(const AttentionArgs& a, int64_t begin, int64_t end);
+void attention_avx2(const AttentionArgs& a, int64_t begin, int64_t end);
 void scan_portable(const ScanArgs& a, int64_t begin, int64_t end);
 void scan_avx512(const ScanArgs& a, int64_t begin, int64_t end);
+void scan_avx2(const ScanArgs& a, int64_t begin, int64_t end);
 void bernoulli_portable(const BernoulliArgs& a, int64_t begin, int64_t end);
 void bernoulli_avx512(const BernoulliArgs& a, int64_t begin, int64_t end);
+void bernoulli_avx2(const BernoulliArgs& a, int64_t begin, int64_t end);
 int64_t attention_group_heads(int64_t heads, int64_t head_dim, int64_t batch, int64_t threads);
 
 // Everything below has internal linkage: each translation unit compiles its own copy for its own

@@ -5,9 +5,11 @@ The sources in `csrc/` (shipped as `spikeinfer.csrc`) are compiled on first use 
 torch version and flags; `SPIKEINFER_CACHE_DIR` moves it, `SPIKEINFER_VERBOSE_BUILD=1` shows the
 compiler) and registered as torch ops in the `spikeinfer_cpu` namespace.
 `SPIKEINFER_CPU_SANITIZE=1` builds them with AddressSanitizer instead (a build of its own; the
-process must preload libasan, as `tests/asan_ops.py` shows). The kernels pick AVX-512
-VPOPCNTDQ at run time when the CPU has it and fall back to portable C++ otherwise, or when
-`SPIKEINFER_CPU_PORTABLE=1` is set (read at every call); both paths give identical results.
+process must preload libasan, as `tests/asan_ops.py` shows). The kernels pick the CPU's best
+path at run time: AVX-512 VPOPCNTDQ, else AVX2 (with FMA, POPCNT, BMI1/2), else portable C++;
+`SPIKEINFER_CPU_ISA=portable|avx2|avx512` forces a lower one and `SPIKEINFER_CPU_PORTABLE=1` the
+portable one (read at every call; a path the CPU lacks is an error). Every path gives identical
+results.
 
 Packed spikes are int64 words [..., ceil(F / 64)]: bit f % 64 of word f / 64 is feature f, padding
 bits zero. `simulate` runs a whole 1-bit `SpikingBert` with these ops and returns the same
@@ -236,7 +238,7 @@ def _ops():
 
 
 def isa() -> str:
-    """The kernel path the next call will take: "avx512-vpopcntdq" or "portable"."""
+    """The kernel path the next call will take: "avx512-vpopcntdq", "avx2" or "portable"."""
     return _ops().isa()
 
 

@@ -1,7 +1,8 @@
-"""Every cpu op on odd shapes, on both kernel paths, in a process whose kernels are built with
-AddressSanitizer (`SPIKEINFER_CPU_SANITIZE=1`, libasan preloaded): an overrun of a hand-indexed
-scratch or output buffer aborts with ASan's report instead of corrupting a neighbour. Run by
-`test_cpu_backend.py::test_kernels_under_address_sanitizer`; prints "clean" at the end.
+"""Every cpu op on odd shapes, on every kernel path this CPU runs, in a process whose kernels
+are built with AddressSanitizer (`SPIKEINFER_CPU_SANITIZE=1`, libasan preloaded): an overrun of a
+hand-indexed scratch or output buffer aborts with ASan's report instead of corrupting a
+neighbour. Run by `test_cpu_backend.py::test_kernels_under_address_sanitizer`; prints "clean" at
+the end.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def run_all(gen: torch.Generator) -> None:
 
 if __name__ == "__main__":
     gen = torch.Generator().manual_seed(0)
-    run_all(gen)
-    os.environ["SPIKEINFER_CPU_PORTABLE"] = "1"
-    run_all(gen)
+    paths = {"avx512-vpopcntdq": ["avx512", "avx2", "portable"], "avx2": ["avx2", "portable"]}
+    for path in paths.get(cb.isa(), ["portable"]):
+        os.environ["SPIKEINFER_CPU_ISA"] = path
+        run_all(gen)
     print("clean")

@@ -33,34 +33,52 @@ cb = pytest.importorskip("spikeinfer.cpu_backend")
 _ok, _why = cb.is_available()
 pytestmark = pytest.mark.skipif(not _ok, reason=_why)
 
-PATHS = ("avx512", "portable")
+# Kernel paths by SPIKEINFER_CPU_ISA name, fastest first, and the name cb.isa() reports for each.
+PATHS = ("avx512", "avx2", "portable")
+_REPORTED = {"avx512": "avx512-vpopcntdq", "avx2": "avx2", "portable": "portable"}
+
+
+def runnable_paths(monkeypatch):
+    """The paths this CPU can run, fastest first (the best one is what isa() reports unforced)."""
+    monkeypatch.delenv("SPIKEINFER_CPU_ISA", raising=False)
+    monkeypatch.delenv("SPIKEINFER_CPU_PORTABLE", raising=False)
+    best = PATHS.index(next(p for p in PATHS if _REPORTED[p] == cb.isa()))
+    return PATHS[best:]
 
 
 @pytest.fixture(params=PATHS)
 def kernel_path(request, monkeypatch):
     """Run a test on one kernel path; the env var is read by the kernels at every call."""
-    if request.param == "portable":
-        monkeypatch.setenv("SPIKEINFER_CPU_PORTABLE", "1")
-    else:
-        monkeypatch.delenv("SPIKEINFER_CPU_PORTABLE", raising=False)
-        if cb.isa() == "portable":
-            pytest.skip("this CPU has no AVX-512 VPOPCNTDQ")
+    if request.param not in runnable_paths(monkeypatch):
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    monkeypatch.setenv("SPIKEINFER_CPU_ISA", request.param)
+    assert cb.isa() == _REPORTED[request.param]
     return request.param
 
 
 def both_paths(fn, monkeypatch):
-    """fn() on the AVX-512 path (when the CPU has it) and on the portable path."""
-    monkeypatch.delenv("SPIKEINFER_CPU_PORTABLE", raising=False)
-    fast = fn()
-    monkeypatch.setenv("SPIKEINFER_CPU_PORTABLE", "1")
-    assert cb.isa() == "portable"
-    portable = fn()
-    monkeypatch.delenv("SPIKEINFER_CPU_PORTABLE")
-    return fast, portable
+    """(fn() on the fastest path, fn() on the portable path); every other vector path this CPU
+    has (AVX2 on an AVX-512 machine) must give the fastest path's result exactly."""
+    results = {}
+    for path in runnable_paths(monkeypatch):
+        monkeypatch.setenv("SPIKEINFER_CPU_ISA", path)
+        assert cb.isa() == _REPORTED[path]
+        results[path] = fn()
+    monkeypatch.delenv("SPIKEINFER_CPU_ISA")
+    fast = results[next(iter(results))]
+    for path, result in results.items():
+        if path != "portable":
+            assert_same(result, fast)
+    return fast, results["portable"]
 
 
 def assert_same(a, b):
-    if isinstance(a, (tuple, list)):
+    if hasattr(a, "logits"):  # a simulation's outputs
+        assert_same(a.logits, b.logits)
+        assert a.rates.keys() == b.rates.keys()
+        for name in a.rates:
+            assert_same(a.rates[name], b.rates[name])
+    elif isinstance(a, (tuple, list)):
         assert len(a) == len(b)
         for x, y in zip(a, b, strict=True):
             assert_same(x, y)
@@ -139,7 +157,7 @@ def test_sanitized_build_without_the_runtime_is_refused(tmp_path):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="AddressSanitizer preload is Linux-only")
 def test_kernels_under_address_sanitizer():
-    """Every op on odd shapes and both kernel paths with the kernels built under ASan (a build of
+    """Every op on odd shapes and every kernel path with the kernels built under ASan (a build of
     their own, cached like the normal one): a buffer overrun aborts the run with ASan's report."""
     libasan = _libasan()
     if libasan is None:
@@ -152,6 +170,7 @@ def test_kernels_under_address_sanitizer():
         "ASAN_OPTIONS": "detect_leaks=0",  # the interpreter's own allocations are never freed
     }
     env.pop("SPIKEINFER_CPU_PORTABLE", None)
+    env.pop("SPIKEINFER_CPU_ISA", None)
     out = subprocess.run(
         [sys.executable, str(root / "tests" / "asan_ops.py")],
         env=env,
@@ -167,7 +186,30 @@ def test_kernels_under_address_sanitizer():
 def test_isa_and_availability():
     ok, why = cb.is_available()
     assert ok, why
-    assert cb.isa() in ("avx512-vpopcntdq", "portable")
+    assert cb.isa() in ("avx512-vpopcntdq", "avx2", "portable")
+
+
+def test_isa_can_be_forced_down_but_not_up(monkeypatch):
+    paths = runnable_paths(monkeypatch)
+    for path in paths:
+        monkeypatch.setenv("SPIKEINFER_CPU_ISA", path)
+        assert cb.isa() == _REPORTED[path]
+    monkeypatch.setenv("SPIKEINFER_CPU_PORTABLE", "1")  # the older spelling wins
+    assert cb.isa() == "portable"
+    monkeypatch.delenv("SPIKEINFER_CPU_PORTABLE")
+    monkeypatch.setenv("SPIKEINFER_CPU_ISA", "sse2")
+    with pytest.raises(RuntimeError, match="must be portable, avx2 or avx512"):
+        cb.isa()
+    for path in set(PATHS) - set(paths):  # a path this CPU lacks is an error, not a fallback
+        monkeypatch.setenv("SPIKEINFER_CPU_ISA", path)
+        with pytest.raises(RuntimeError, match="cannot run"):
+            cb.binary_gemm(
+                cb.pack_spikes(torch.ones(2, 10)),
+                cb.pack_signs(torch.ones(3, 10)),
+                10,
+                torch.ones(3),
+                torch.zeros(3),
+            )
 
 
 # -- binary GEMM --------------------------------------------------------------------------------
