@@ -71,19 +71,36 @@ def load_average() -> float:
         return float("nan")
 
 
-def warm_up(fn, calls: int = 3) -> None:
+# A call this long is its own warm-up and needs no repeats to be steady: the bf16 and int8
+# references on CPUs without AVX512-BF16 / VNNI run emulated, a thousand times slower than the
+# kernels (seconds to minutes a call), and repeating them would take the run hours.
+SLOW_CALL_S = 1.0
+# --skip-bf16: leave out every bf16 torch reference (set by main).
+SKIP_BF16 = False
+
+
+def warm_up(fn, calls: int = 3) -> float:
     """Call `fn` at least `calls` times and for 0.2 s: the first op of a process also starts the
     thread pool and faults in its buffers (one warm-up call left the first GEMM of a run a third
-    slow)."""
+    slow). A first call of SLOW_CALL_S or more is the only one. Returns the first call's
+    seconds."""
     done, start = 0, time.perf_counter()
+    first = None
     while done < calls or time.perf_counter() - start < 0.2:
         fn()
         done += 1
+        if first is None:
+            first = time.perf_counter() - start
+            if first >= SLOW_CALL_S:
+                break
+    return first
 
 
 def median_ms(fn, repeats: int, warmup=None) -> float:
-    """Median wall time of `repeats` calls after `warm_up` (of `warmup` if given)."""
-    warm_up(warmup or fn)
+    """Median wall time of `repeats` calls after `warm_up` (of `warmup` if given); one timed call
+    when the warm-up call took SLOW_CALL_S or more."""
+    if warm_up(warmup or fn) >= SLOW_CALL_S:
+        repeats = 1
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -199,8 +216,9 @@ def gemm_case(report: Report, shapes: dict, repeats: int, slow_repeats: int):
     # References at the same shapes: fp32 / bf16 matmul of spikes by +-1 weights, int8 matmul.
     w32 = signs.t().contiguous()
     row("torch fp32 matmul (MKL)", median_ms(lambda: torch.matmul(spikes, w32), slow_repeats))
-    s16, w16 = spikes.bfloat16(), w32.bfloat16()
-    row("torch bf16 matmul", median_ms(lambda: torch.matmul(s16, w16), slow_repeats))
+    if not SKIP_BF16:
+        s16, w16 = spikes.bfloat16(), w32.bfloat16()
+        row("torch bf16 matmul", median_ms(lambda: torch.matmul(s16, w16), slow_repeats))
     s8, w8 = spikes.to(torch.int8), w32.to(torch.int8)
     try:
         row("torch._int_mm int8", median_ms(lambda: torch._int_mm(s8, w8), slow_repeats))
@@ -243,11 +261,13 @@ def bench_attention(report: Report, preset: str, T: int, B: int, S: int, repeats
 
         return run
 
-    for label, fn in (
+    cases = [
         ("cpu spiking_attention_neuron (masked sums)", fused),
         ("torch fp32 matmuls + IF", dense(torch.float32)),
-        ("torch bf16 matmuls + IF", dense(torch.bfloat16)),
-    ):
+    ]
+    if not SKIP_BF16:
+        cases.append(("torch bf16 matmuls + IF", dense(torch.bfloat16)))
+    for label, fn in cases:
         load = load_average()
         ms = median_ms(fn, repeats)
         report.add(
@@ -350,9 +370,13 @@ def bench_model(
     if references:
         measure("torch fp32", model, "torch", max(1, repeats // 2))
         try:  # the multi-step reference with the whole model in bf16 (as bench_triton.py)
-            measure(
-                "torch bf16", copy.deepcopy(model).to(torch.bfloat16), "torch", max(1, repeats // 2)
-            )
+            if not SKIP_BF16:
+                measure(
+                    "torch bf16",
+                    copy.deepcopy(model).to(torch.bfloat16),
+                    "torch",
+                    max(1, repeats // 2),
+                )
         except RuntimeError as err:
             print(f"torch bf16 reference unavailable: {err}", file=sys.stderr)
         measure("torch-step fp32", model, "torch-step", step_repeats)
@@ -503,12 +527,11 @@ def bench_sst2(report: Report, glue_dir: Path, ref_limit: int, references: bool 
     subset = {}
     if references:
         model = load("sst2-1bit")
-        for label, m, backend in (
-            ("cpu", model, "cpu"),
-            ("torch fp32", model, "torch"),
-            ("torch bf16", copy.deepcopy(model).to(torch.bfloat16), "torch"),
-            ("torch-step fp32", model, "torch-step"),
-        ):
+        references_run = [("cpu", model, "cpu"), ("torch fp32", model, "torch")]
+        if not SKIP_BF16:
+            references_run.append(("torch bf16", copy.deepcopy(model).to(torch.bfloat16), "torch"))
+        references_run.append(("torch-step fp32", model, "torch-step"))
+        for label, m, backend in references_run:
             r, load_before = timed(
                 m, backend, limit=ref_limit, repeats=3 if backend == "cpu" else 1
             )
@@ -569,6 +592,19 @@ def main(argv=None):
         help="JSON file (default: bench/results/cpu_<date>.json, appended)",
     )
     parser.add_argument("--skip-gemm", action="store_true")
+    parser.add_argument(
+        "--skip-bf16",
+        action="store_true",
+        help="leave out the bf16 torch references: on CPUs without AVX512-BF16 torch emulates "
+        "bf16 matmuls (its GEMM row, timed without this flag, shows the rate) and the whole-model "
+        "bf16 references would take hours",
+    )
+    parser.add_argument(
+        "--gemm-presets",
+        nargs="+",
+        default=["minilm-4l", "spikingbert-base"],
+        help="model presets whose projection shapes the GEMM rows time",
+    )
     parser.add_argument("--skip-model", action="store_true")
     parser.add_argument(
         "--skip-references",
@@ -600,6 +636,8 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
 
+    global SKIP_BF16
+    SKIP_BF16 = args.skip_bf16
     ok, why = cb.is_available()
     if not ok:
         raise SystemExit(why)
@@ -618,7 +656,7 @@ def main(argv=None):
     if not args.skip_gemm:
         # Each GEMM call takes milliseconds: many repeats make its median robust to the moments
         # when another process holds one of the two cores.
-        for preset in ("minilm-4l", "spikingbert-base"):
+        for preset in args.gemm_presets:
             bench_gemm(report, preset, *gemm_shapes, repeats=8 * repeats, slow_repeats=repeats)
         bench_attention(report, "minilm-4l", *gemm_shapes, repeats=2 * repeats)
     if not args.skip_model:

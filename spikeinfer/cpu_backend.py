@@ -227,9 +227,10 @@ def is_available() -> tuple[bool, str]:
     """(True, kernel path) when the kernels build and load here, else (False, why not)."""
     try:
         load_library()
+        path = isa()  # a SPIKEINFER_CPU_ISA this CPU cannot run is refused here
     except RuntimeError as err:
         return False, str(err)
-    return True, f"cpu kernels loaded ({isa()})"
+    return True, f"cpu kernels loaded ({path})"
 
 
 def _ops():

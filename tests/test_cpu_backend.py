@@ -200,8 +200,12 @@ def test_isa_can_be_forced_down_but_not_up(monkeypatch):
     monkeypatch.setenv("SPIKEINFER_CPU_ISA", "sse2")
     with pytest.raises(RuntimeError, match="must be portable, avx2 or avx512"):
         cb.isa()
+    ok, why = cb.is_available()  # the backend reports it unavailable, with the reason
+    assert not ok and "must be portable, avx2 or avx512" in why, why
     for path in set(PATHS) - set(paths):  # a path this CPU lacks is an error, not a fallback
         monkeypatch.setenv("SPIKEINFER_CPU_ISA", path)
+        ok, why = cb.is_available()
+        assert not ok and "cannot run" in why, why
         with pytest.raises(RuntimeError, match="cannot run"):
             cb.binary_gemm(
                 cb.pack_spikes(torch.ones(2, 10)),
