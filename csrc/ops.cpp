@@ -26,8 +26,8 @@ namespace {
 using at::Tensor;
 
 // The kernel paths, fastest last. AVX2 (with FMA, POPCNT, BMI1/2) covers the x86-64 CPUs without
-// AVX-512 VPOPCNTDQ (AMD Zen 1-3, Intel Haswell to Comet Lake), where the portable loops run about
-// a hundred times slower than the vector kernels.
+// AVX-512 VPOPCNTDQ (AMD Zen 1-3, Intel Haswell to Comet Lake), where the portable loops made
+// whole-model inference 18 times slower (SST-2 dev on a Zen 3: 0.66 against 11.9 sentences/s).
 enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 
 const char* isa_name(Isa isa) {
