@@ -127,6 +127,19 @@ inline __m256 bits_to_ones(uint32_t bits) {
 
 constexpr int64_t kByteSpan = 31;  // words per byte-accumulation span (8 * 31 < 256)
 
+// Byte-wise popcount of 32 nibbles (values 0..15), the VPSHUFB table.
+inline __m256i nibble_popcount(__m256i nibbles) {
+  const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1,
+                                         2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  return _mm256_shuffle_epi8(table, nibbles);
+}
+
+// Byte counts (each <= 255) summed into their 32-bit lanes.
+inline __m256i bytes_to_lanes(__m256i bytes) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(bytes, _mm256_set1_epi8(1)),
+                           _mm256_set1_epi16(1));
+}
+
 // Currents of R rows for C consecutive column groups of 8 starting at group g:
 // out[r][(g - g_base + c) * 8 + lane], plus the residual spikes (bytes res8[r][g]) when given.
 // s_nib[r] holds row r's nibble words broadcast: [kw32][2][8] (lo, hi).
@@ -135,10 +148,6 @@ inline void project_tile(const uint32_t* const* s_nib, const int32_t* popc, int6
                          const uint32_t* w_il, int64_t g, int64_t g_base, int64_t N,
                          const float* alpha, const float* bias, const uint8_t* const* res8,
                          float* const* out) {
-  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,  //
-                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-  const __m256i ones8 = _mm256_set1_epi8(1);
-  const __m256i ones16 = _mm256_set1_epi16(1);
   __m256i total[R][C];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
@@ -161,9 +170,8 @@ inline void project_tile(const uint32_t* const* s_nib, const int32_t* popc, int6
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
           const __m256i* s = reinterpret_cast<const __m256i*>(s_nib[r] + k * 16);
-          const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(wl, _mm256_load_si256(s)));
-          const __m256i hi =
-              _mm256_shuffle_epi8(lut, _mm256_and_si256(wh, _mm256_load_si256(s + 1)));
+          const __m256i lo = nibble_popcount(_mm256_and_si256(wl, _mm256_load_si256(s)));
+          const __m256i hi = nibble_popcount(_mm256_and_si256(wh, _mm256_load_si256(s + 1)));
           acc[r][c] = _mm256_add_epi8(acc[r][c], _mm256_add_epi8(lo, hi));
         }
       }
@@ -172,8 +180,7 @@ inline void project_tile(const uint32_t* const* s_nib, const int32_t* popc, int6
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
       for (int c = 0; c < C; ++c)
-        total[r][c] = _mm256_add_epi32(
-            total[r][c], _mm256_madd_epi16(_mm256_maddubs_epi16(acc[r][c], ones8), ones16));
+        total[r][c] = _mm256_add_epi32(total[r][c], bytes_to_lanes(acc[r][c]));
   }
 #pragma GCC unroll 16
   for (int c = 0; c < C; ++c) {
@@ -495,23 +502,11 @@ constexpr int64_t kChunk = 8;
 // byte counters, the token words and the table still fit the 16 YMM registers.
 constexpr int64_t kQBlocks = 2;
 
-// Byte-wise popcount of 32 nibbles (values 0..15), the VPSHUFB table.
-inline __m256i nibble_popcount(__m256i nibbles) {
-  const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1,
-                                         2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-  return _mm256_shuffle_epi8(table, nibbles);
-}
-
-// Byte counts (each <= 255) summed into their 32-bit lanes.
-inline __m256i bytes_to_lanes(__m256i bytes) {
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(bytes, _mm256_set1_epi8(1)),
-                           _mm256_set1_epi16(1));
-}
-
 // Q columns [c, c + C) of R blocks of 8 tokens: xb holds the blocks' words split into nibbles
 // (x_il layout [blk][k][lo 8 lanes, hi 8 lanes]), wn the columns' sign words likewise
 // ([c][k][lo, hi]); each token load feeds C columns and each sign broadcast R blocks.
-// A byte lane gains at most 8 per word, so bytes are folded into 32-bit lanes every 31 words.
+// A byte lane gains at most 8 per word, so bytes are folded into 32-bit lanes every kByteSpan
+// words.
 template <int R, int C>
 inline void project_q_tile(const uint32_t* xb, const uint32_t* wn, int64_t kw32,
                            const int32_t* popc, const float* alpha, const float* bias, float* out,
@@ -521,8 +516,8 @@ inline void project_q_tile(const uint32_t* xb, const uint32_t* wn, int64_t kw32,
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int cc = 0; cc < C; ++cc) total[r][cc] = _mm256_setzero_si256();
-  for (int64_t k0 = 0; k0 < kw32; k0 += 31) {
-    const int64_t k1 = std::min<int64_t>(kw32, k0 + 31);
+  for (int64_t k0 = 0; k0 < kw32; k0 += kByteSpan) {
+    const int64_t k1 = std::min<int64_t>(kw32, k0 + kByteSpan);
     __m256i acc[R][C];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
