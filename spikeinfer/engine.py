@@ -309,6 +309,10 @@ def evaluate(
             "num_truncated": encoded.num_truncated,
         }
     )
+    if model.backend == "cpu":  # which kernels ran: their speed differs by CPU several fold
+        from . import cpu_backend
+
+        result["kernel_path"] = cpu_backend.isa()
     if return_predictions:
         result["predictions"] = {"index": np.asarray(indices), "pred": preds_np, "label": labels_np}
     return result

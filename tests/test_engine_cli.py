@@ -11,7 +11,7 @@ from helpers import firing_model
 
 from spikeinfer import cli, cost
 from spikeinfer.checkpoint import save_checkpoint
-from spikeinfer.engine import evaluate, resolve_backend
+from spikeinfer.engine import evaluate, load, resolve_backend
 from spikeinfer.model import BackendUnavailableError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,12 +56,27 @@ def test_evaluate_reports_design_keys_and_consistent_costs():
     ):
         assert key in result, key
     assert result["n_examples"] == 12 and result["backend"] == "torch"
+    assert "kernel_path" not in result  # only the cpu backend has kernel paths
     # dense model at T=4 vs T_conv=8: exactly half the ACs
     assert result["acs_percent"] == pytest.approx(50.0)
     assert 0 < result["normalized_c"] < 0.5 and result["latency"] == 4.0
     preds = result["predictions"]
     assert sorted(preds["index"].tolist()) == list(range(12))
     assert 100 * (preds["pred"] == preds["label"]).mean() == pytest.approx(result["accuracy"])
+
+
+@needs_glue
+def test_evaluate_on_the_cpu_backend_names_its_kernel_path(monkeypatch):
+    cb = pytest.importorskip("spikeinfer.cpu_backend")
+    ok, why = cb.is_available()
+    if not ok:
+        pytest.skip(why)
+    monkeypatch.setenv("SPIKEINFER_CPU_ISA", "portable")
+    run = dict(glue_dir=GLUE, limit=3, timesteps=2, backend="cpu", progress=False)
+    result = evaluate(load("sst2-1bit"), "sst2", **run)
+    assert result["backend"] == "cpu" and result["kernel_path"] == "portable"
+    monkeypatch.delenv("SPIKEINFER_CPU_ISA")
+    assert evaluate(load("sst2-1bit"), "sst2", **run)["kernel_path"] == cb.isa()
 
 
 @needs_glue
