@@ -133,34 +133,27 @@ int64_t grain_for(int64_t rows, double work_per_row) {
   return std::max<int64_t>(1, std::min(grain, rows));
 }
 
-// +1-sign words of 16 output columns interleaved per 32-bit input word: [ceil(N/16), kw32, 16],
-// padding bits and padding columns zero.
-std::vector<uint32_t> interleave_signs(const uint64_t* w, int64_t N, int64_t K, int64_t kw64) {
-  const int64_t kw32 = (K + 31) / 32, groups = (N + 15) / 16;
-  const uint32_t tail = K % 32 == 0 ? 0xFFFFFFFFu : (1u << (K % 32)) - 1;
-  std::vector<uint32_t> il(static_cast<size_t>(std::max<int64_t>(groups * kw32 * 16, 1)), 0u);
-  for (int64_t n = 0; n < N; ++n) {
-    const uint32_t* w32 = reinterpret_cast<const uint32_t*>(w + n * kw64);
-    for (int64_t k = 0; k < kw32; ++k)
-      il[((n / 16) * kw32 + k) * 16 + n % 16] = k == kw32 - 1 ? w32[k] & tail : w32[k];
-  }
-  return il;
-}
-
-// +1-sign words of 8 output columns interleaved per 32-bit input word and split into nibbles:
-// [ceil(N/8), kw32, 2, 8] holding w & 0x0f0f0f0f, then (w >> 4) & 0x0f0f0f0f (the AVX2 path's
-// table-lookup popcount indexes bytes by nibble); padding bits and padding columns zero.
-std::vector<uint32_t> nibble_signs(const uint64_t* w, int64_t N, int64_t K, int64_t kw64) {
-  const int64_t kw32 = (K + 31) / 32, groups = (N + 7) / 8;
+// +1-sign words of the vector paths' column groups, interleaved per 32-bit input word, padding
+// bits and padding columns zero. AVX-512: 16 columns, [ceil(N/16), kw32, 16]. AVX2 (`nibbles`):
+// 8 columns split into nibbles, [ceil(N/8), kw32, 2, 8] holding w & 0x0f0f0f0f, then
+// (w >> 4) & 0x0f0f0f0f (its table-lookup popcount indexes bytes by nibble).
+std::vector<uint32_t> interleave_signs(const uint64_t* w, int64_t N, int64_t K, int64_t kw64,
+                                       bool nibbles) {
+  const int64_t lanes = nibbles ? 8 : 16;
+  const int64_t kw32 = (K + 31) / 32, groups = (N + lanes - 1) / lanes;
   const uint32_t tail = K % 32 == 0 ? 0xFFFFFFFFu : (1u << (K % 32)) - 1;
   std::vector<uint32_t> il(static_cast<size_t>(std::max<int64_t>(groups * kw32 * 16, 1)), 0u);
   for (int64_t n = 0; n < N; ++n) {
     const uint32_t* w32 = reinterpret_cast<const uint32_t*>(w + n * kw64);
     for (int64_t k = 0; k < kw32; ++k) {
       const uint32_t word = k == kw32 - 1 ? w32[k] & tail : w32[k];
-      uint32_t* slot = il.data() + ((n / 8) * kw32 + k) * 16 + n % 8;
-      slot[0] = word & 0x0f0f0f0fu;
-      slot[8] = (word >> 4) & 0x0f0f0f0fu;
+      uint32_t* slot = il.data() + ((n / lanes) * kw32 + k) * 16 + n % lanes;
+      if (nibbles) {
+        slot[0] = word & 0x0f0f0f0fu;
+        slot[8] = (word >> 4) & 0x0f0f0f0fu;
+      } else {
+        slot[0] = word;
+      }
     }
   }
   return il;
@@ -169,11 +162,8 @@ std::vector<uint32_t> nibble_signs(const uint64_t* w, int64_t N, int64_t K, int6
 void run_linear(LinearNeuronArgs& a) {
   const Isa path = active_isa();
   std::vector<uint32_t> il;
-  if (path == Isa::kAvx512) {
-    il = interleave_signs(a.w, a.N, a.K, a.kw64);
-    a.w_il = il.data();
-  } else if (path == Isa::kAvx2) {
-    il = nibble_signs(a.w, a.N, a.K, a.kw64);
+  if (path != Isa::kPortable) {
+    il = interleave_signs(a.w, a.N, a.K, a.kw64, /*nibbles=*/path == Isa::kAvx2);
     a.w_il = il.data();
   }
   const double work = static_cast<double>(a.T) * (a.N + 1) * (a.kw64 + 4);
