@@ -372,6 +372,14 @@ def _add_distill(sub):
         help="train every sublayer's threshold V_th at this learning rate (0: thresholds stay "
         "fixed, the default; docs/recipes.md measured 1e-2 on SST-2)",
     )
+    p.add_argument(
+        "--clamp-leak",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="gradient slope of the surrogate's rate clamp outside [0, 1] (0, the default: "
+        "DESIGN section 6's clamp, which passes no gradient there); forward values unchanged",
+    )
     p.set_defaults(func=cmd_distill)
 
 
@@ -412,6 +420,7 @@ def cmd_distill(args) -> int:
         layer_norm_noise=args.layer_norm_noise,
         pred_hidden=args.pred_hidden,
         vth_lr=args.vth_lr,
+        clamp_leak=args.clamp_leak,
     )
     return 0
 

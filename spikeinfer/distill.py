@@ -326,11 +326,18 @@ class TeacherTaps:
 class DistillModule(nn.Module):
     """The trainable part of distillation: the student and the shared hidden-state projection."""
 
-    def __init__(self, student: SpikingBert, teacher_hidden: int, moments: bool = False):
+    def __init__(
+        self,
+        student: SpikingBert,
+        teacher_hidden: int,
+        moments: bool = False,
+        clamp_leak: float = 0.0,
+    ):
         super().__init__()
         self.student = student
         self.proj = nn.Linear(student.config.hidden_size, teacher_hidden)
         self.moments = moments
+        self.clamp_leak = clamp_leak
         self.noise = 1.0  # the moments surrogate's noise scale (a curriculum sets it per step)
 
     def forward(
@@ -348,6 +355,7 @@ class DistillModule(nn.Module):
             output_hidden_states=hidden_states,
             moments=self.moments,
             noise=self.noise,
+            clamp_leak=self.clamp_leak,
         )
         hidden = [self.proj(h) for h in out.hidden_states] if hidden_states else None
         return out.logits, out.attention_scores, hidden, out.layer_norm_inputs
@@ -450,6 +458,7 @@ def distill(
     layer_norm_noise: float = 0.0,
     pred_hidden: float = 0.0,
     vth_lr: float = 0.0,
+    clamp_leak: float = 0.0,
 ) -> dict:
     """Run the student stages in order; each writes `<out>/<stage>/` (a spikeinfer checkpoint)
     and is skipped on --resume once finished. `swap_after` is the fraction of every stage's steps
@@ -475,7 +484,9 @@ def distill(
     weight times the hidden-state KD loss to the prediction stages' loss (the projection trains
     with them): DESIGN section 9's prototype trained its 1-bit student on both at once. `vth_lr`
     > 0 makes every sublayer's threshold V_th a trained parameter at that learning rate (no
-    weight decay; DESIGN section 8's adaptive thresholds, here at the stage's own timesteps)."""
+    weight decay; DESIGN section 8's adaptive thresholds, here at the stage's own timesteps).
+    `clamp_leak` > 0 is the gradient slope of the surrogate's rate clamp outside [0, 1] (0: the
+    plain clamp of DESIGN section 6, no gradient there); values, and so the SNN, are unchanged."""
     from .checkpoint import load_checkpoint, save_checkpoint
     from .engine import evaluate, resolve_backend
     from .firing_range import FFN_THRESHOLDS
@@ -500,6 +511,8 @@ def distill(
         )
     if not pred_hidden >= 0.0:
         raise ValueError(f"pred_hidden (a loss weight) must be >= 0, got {pred_hidden}")
+    if not 0.0 <= clamp_leak <= 1.0:
+        raise ValueError(f"clamp_leak (a gradient slope) must be in [0, 1], got {clamp_leak}")
     if not vth_lr >= 0.0:
         raise ValueError(f"vth_lr (0: fixed thresholds) must be >= 0, got {vth_lr}")
     if not 0.0 <= firing_range < 0.5:
@@ -549,6 +562,7 @@ def distill(
         layer_norm_noise=layer_norm_noise,
         pred_hidden=pred_hidden,
         vth_lr=vth_lr,
+        clamp_leak=clamp_leak,
     )
     results = {}
     for stage in stages:
@@ -588,7 +602,7 @@ def distill(
         # with the multi-step reference.
         stage_backend = sim_backend if binary else "torch"
         student.to(device).to_backend(stage_backend)
-        module = DistillModule(student, teacher.config.hidden_size, moments).to(device)
+        module = DistillModule(student, teacher.config.hidden_size, moments, clamp_leak).to(device)
         # Every stage loads the latest projection, prediction stages too (frozen there), so each
         # stage saves the trained one: an intermediate stage after a prediction stage (fp-pred ->
         # 1bit-inter) starts from fp-inter's projection, not from an untrained one.
@@ -728,6 +742,7 @@ def distill(
                     "layer_norm_noise": layer_norm_noise,
                     "pred_hidden": pred_hidden,
                     "vth_lr": vth_lr,
+                    "clamp_leak": clamp_leak,
                 },
                 attachments={PROJECTION_NAME: module.proj.state_dict()},
             )

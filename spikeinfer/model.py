@@ -631,6 +631,7 @@ class SpikingBert(nn.Module):
         output_hidden_states=False,
         moments=False,
         noise=1.0,
+        clamp_leak=0.0,
     ) -> SurrogateOutput:
         """The same graph with every spike tensor replaced by a = clamp(I / Vth, 0, 1).
 
@@ -645,12 +646,18 @@ class SpikingBert(nn.Module):
         (`Block.moment_*`; docs/recipes.md measures how closely it tracks the spiking model).
         `noise` scales that variance: 1 is the spiking model's, 0 gives the rate surrogate's
         function, values between interpolate (a curriculum from one to the other).
+
+        `clamp_leak` > 0 gives the clamp that gradient outside [0, 1] instead of none (values
+        unchanged): a neuron whose current sits outside the firing range for a token then still
+        tells the weights before it which way would bring it back.
         """
         if not noise >= 0.0 or (noise != 1.0 and not moments):
             raise ValueError(
                 f"noise scales the moments surrogate's variance: a number >= 0 with "
                 f"moments=True, got noise={noise} with moments={moments}"
             )
+        if not 0.0 <= clamp_leak <= 1.0:
+            raise ValueError(f"clamp_leak (a gradient slope) must be in [0, 1], got {clamp_leak}")
         input_ids, attention_mask, token_type_ids = self._check_inputs(
             input_ids, attention_mask, token_type_ids
         )
@@ -659,7 +666,11 @@ class SpikingBert(nn.Module):
         rates: dict[str, torch.Tensor] = {}
 
         def rate(index, name, current):  # current [1, B, N, F] -> rate [1, B, N, F]
-            a = torch.clamp(current / self.threshold(index), 0.0, 1.0)
+            u = current / self.threshold(index)
+            a = torch.clamp(u, 0.0, 1.0)
+            if clamp_leak:
+                outside = u - a  # zero inside the range; its gradient is 1 only outside
+                a = a + clamp_leak * (outside - outside.detach())
             if snn_rates is not None:
                 a = a + (snn_rates[name][None].to(a.dtype) - a).detach()
             rates[name] = a[0]

@@ -428,3 +428,27 @@ def test_vth_lr_trains_the_thresholds(tiny_teacher, tmp_path):
     assert (thresholds[0.1] - 1.0).abs().max() > 1e-3
     with pytest.raises(ValueError, match="vth_lr"):
         distill(tiny_run(tmp_path / "bad"), tiny_teacher, stages=["1bit-inter"], vth_lr=-1.0)
+
+
+@needs_glue
+def test_clamp_leak_changes_training_and_is_recorded(tiny_teacher, tmp_path):
+    """The same stage with and without clamp_leak starts from the same student and sees the same
+    batches; only the gradients of neurons outside the firing range differ, so the trained
+    weights differ. The slope is recorded with the checkpoint; one outside [0, 1] is refused."""
+    import json
+
+    from spikeinfer.checkpoint import load_checkpoint
+
+    kwargs = {"layer_map": [0], "t_conv": 8, "word_embeddings": "teacher"}
+    weights = {}
+    for leak in (0.0, 0.5):
+        out = tmp_path / f"run{leak}"
+        distill(
+            tiny_run(out, eval_limit=4), tiny_teacher, stages=["fp-pred"], clamp_leak=leak, **kwargs
+        )
+        weights[leak] = load_checkpoint(out / "fp-pred").layers[0].ffn1.weight.detach()
+        meta = json.loads((out / "fp-pred" / "config.json").read_text())
+        assert meta["provenance"]["clamp_leak"] == leak
+    assert not torch.equal(weights[0.0], weights[0.5])
+    with pytest.raises(ValueError, match="clamp_leak"):
+        distill(tiny_run(tmp_path / "bad"), tiny_teacher, stages=["fp-pred"], clamp_leak=1.5)

@@ -199,6 +199,44 @@ def test_surrogate_swap_values_and_gradients():
     assert all(((r >= 0) & (r <= 1)).all() for r in plain.rates.values())
 
 
+def test_clamp_leak_keeps_values_and_passes_gradient_outside_the_range():
+    """With clamp_leak the rates (and so the logits) are the plain clamp's; the current of a
+    neuron clamped at 0 or 1 gets clamp_leak / V_th of gradient where the plain clamp gives none,
+    and one inside the range gets 1 / V_th either way."""
+    model = firing_model(seed=8)
+    ids, mask, types = batch(8)
+    currents = {}
+
+    def grab(module, inputs, output):
+        output.retain_grad()
+        currents["emb"] = output
+
+    handle = model.embeddings.register_forward_hook(grab)
+    grads, rates = {}, {}
+    try:
+        for leak in (0.0, 0.25):
+            model.zero_grad()
+            out = model.surrogate(ids, mask, types, clamp_leak=leak)
+            out.rates["emb"].sum().backward(retain_graph=True)
+            grads[leak], rates[leak] = currents["emb"].grad, out.rates["emb"].detach()
+            assert torch.equal(out.logits, model.surrogate(ids, mask, types).logits), (
+                "values changed"
+            )
+    finally:
+        handle.remove()
+    assert torch.equal(rates[0.0], rates[0.25])
+    v_th = model.threshold(0).detach()
+    u = currents["emb"].detach() / v_th
+    inside, outside = (u > 0) & (u < 1), (u < 0) | (u > 1)
+    assert inside.any() and outside.any()
+    assert torch.allclose(grads[0.0][inside], (1 / v_th).expand_as(u)[inside])
+    assert torch.equal(grads[0.0][outside], torch.zeros_like(grads[0.0][outside]))
+    assert torch.allclose(grads[0.25][inside], (1 / v_th).expand_as(u)[inside])
+    assert torch.allclose(grads[0.25][outside], (0.25 / v_th).expand_as(u)[outside])
+    with pytest.raises(ValueError, match="clamp_leak"):
+        model.surrogate(ids, mask, types, clamp_leak=-0.1)
+
+
 def test_mask_gradients_for_fisher():
     model = firing_model(seed=9)
     ids, mask, types = batch(9)
