@@ -380,6 +380,14 @@ def _add_distill(sub):
         help="gradient slope of the surrogate's rate clamp outside [0, 1] (0, the default: "
         "DESIGN section 6's clamp, which passes no gradient there); forward values unchanged",
     )
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        metavar="DECAY",
+        help="keep an exponential moving average of the trained weights at this decay (e.g. "
+        "0.999) and evaluate and save it instead of the last step's weights (0: off, the default)",
+    )
     p.set_defaults(func=cmd_distill)
 
 
@@ -421,6 +429,7 @@ def cmd_distill(args) -> int:
         pred_hidden=args.pred_hidden,
         vth_lr=args.vth_lr,
         clamp_leak=args.clamp_leak,
+        ema=args.ema,
     )
     return 0
 

@@ -459,6 +459,7 @@ def distill(
     pred_hidden: float = 0.0,
     vth_lr: float = 0.0,
     clamp_leak: float = 0.0,
+    ema: float = 0.0,
 ) -> dict:
     """Run the student stages in order; each writes `<out>/<stage>/` (a spikeinfer checkpoint)
     and is skipped on --resume once finished. `swap_after` is the fraction of every stage's steps
@@ -486,7 +487,9 @@ def distill(
     > 0 makes every sublayer's threshold V_th a trained parameter at that learning rate (no
     weight decay; DESIGN section 8's adaptive thresholds, here at the stage's own timesteps).
     `clamp_leak` > 0 is the gradient slope of the surrogate's rate clamp outside [0, 1] (0: the
-    plain clamp of DESIGN section 6, no gradient there); values, and so the SNN, are unchanged."""
+    plain clamp of DESIGN section 6, no gradient there); values, and so the SNN, are unchanged.
+    `ema` > 0 is the decay of an exponential moving average of every stage's trainable weights
+    (`train.ParameterAverage`): evaluations and the saved stage use the averaged weights."""
     from .checkpoint import load_checkpoint, save_checkpoint
     from .engine import evaluate, resolve_backend
     from .firing_range import FFN_THRESHOLDS
@@ -515,6 +518,8 @@ def distill(
         raise ValueError(f"clamp_leak (a gradient slope) must be in [0, 1], got {clamp_leak}")
     if not vth_lr >= 0.0:
         raise ValueError(f"vth_lr (0: fixed thresholds) must be >= 0, got {vth_lr}")
+    if not 0.0 <= ema < 1.0:
+        raise ValueError(f"ema (an averaging decay; 0: off) must be in [0, 1), got {ema}")
     if not 0.0 <= firing_range < 0.5:
         raise ValueError(f"firing_range (a tail quantile) must be in [0, 0.5), got {firing_range}")
     if init is not None and not (Path(init) / "config.json").exists():
@@ -563,6 +568,7 @@ def distill(
         pred_hidden=pred_hidden,
         vth_lr=vth_lr,
         clamp_leak=clamp_leak,
+        ema=ema,
     )
     results = {}
     for stage in stages:
@@ -714,6 +720,7 @@ def distill(
             eval_every=args.eval_every,
             desc=f"{spec.name} {stage}",
             log=log,
+            ema_decay=ema,
         )
         if metrics is None:  # resumed after the last step: nothing was evaluated
             metrics = eval_fn(steps)
@@ -743,6 +750,7 @@ def distill(
                     "pred_hidden": pred_hidden,
                     "vth_lr": vth_lr,
                     "clamp_leak": clamp_leak,
+                    "ema": ema,
                 },
                 attachments={PROJECTION_NAME: module.proj.state_dict()},
             )

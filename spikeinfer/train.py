@@ -6,6 +6,12 @@ steps_per_epoch of epoch s div steps_per_epoch. The state file holds the step, t
 optimizer and scheduler states and the torch RNG state, written atomically every `save_every`
 steps, so a killed run resumed with `--resume` replays exactly the steps it had not finished.
 
+Weight averaging (`ema_decay` > 0): an exponential moving average of the trainable parameters,
+    avg <- d_t * avg + (1 - d_t) * p   after every optimizer step, d_t = min(d, (1 + t) / (10 + t)),
+(Polyak averaging with TensorFlow's step-dependent ramp, so a short stage is not pinned to its
+initial weights). Evaluations run on the averaged weights, the module holds them when the loop
+returns, and the state file keeps both, so resuming replays the same averages.
+
 Distributed: under `torchrun` (RANK / WORLD_SIZE set) the process group is initialised with gloo on
 CPU and nccl on CUDA, the trainable module is wrapped in DistributedDataParallel, and only rank 0
 writes files and prints.
@@ -19,6 +25,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +76,62 @@ def epoch_batches(lengths, batch_size: int, seed: int, epoch: int, info: DistInf
     return batches[info.rank :: info.world][:per_rank]
 
 
+class ParameterAverage:
+    """Exponential moving average of a module's trainable parameters (see the module docstring).
+
+    For 1-bit projections the averaged tensors are the latent weights, so a sign that flips
+    back and forth at a high learning rate settles on the side it spends most steps on."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema decay must be in (0, 1), got {decay}")
+        self.decay, self.updates = decay, 0
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.averages = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self):
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.averages, [p.detach() for p in self.params], 1.0 - d)
+
+    @torch.no_grad()
+    def _exchange(self):
+        # copy_ (not .data) bumps each parameter's version, which invalidates the packed-sign
+        # caches keyed by it.
+        for p, a in zip(self.params, self.averages, strict=True):
+            held = p.detach().clone()
+            p.copy_(a)
+            a.copy_(held)
+
+    @contextmanager
+    def swapped_in(self):
+        """The averaged weights in the module for the block, the trained ones afterwards."""
+        self._exchange()
+        try:
+            yield
+        finally:
+            self._exchange()
+
+    @torch.no_grad()
+    def copy_to_module(self):
+        for p, a in zip(self.params, self.averages, strict=True):
+            p.copy_(a)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "averages": self.averages}
+
+    def load_state_dict(self, state: dict):
+        if len(state["averages"]) != len(self.averages):
+            raise ValueError(
+                f"the saved average has {len(state['averages'])} tensors, this module "
+                f"{len(self.averages)} trainable ones: resume with the flags the run started with"
+            )
+        self.decay, self.updates = state["decay"], state["updates"]
+        for a, saved in zip(self.averages, state["averages"], strict=True):
+            a.copy_(saved)
+
+
 def linear_warmup_schedule(optimizer, total_steps: int, warmup_fraction: float):
     warmup = max(1, int(total_steps * warmup_fraction))
 
@@ -115,21 +178,32 @@ def run_loop(
     eval_every: int = 0,
     desc: str = "train",
     log: JsonLog | None = None,
+    ema_decay: float = 0.0,
 ) -> dict | None:
     """Run `step_fn(batch_indices, step) -> {"loss": float, ...}` for `total_steps` steps.
 
     `step_fn` computes the loss and calls backward; this loop zeroes gradients, steps the
     optimizer and scheduler, checkpoints and evaluates. Returns the last evaluation's result
-    (None when no evaluation ran, e.g. a resumed run that had already finished).
+    (None when no evaluation ran, e.g. a resumed run that had already finished). With
+    `ema_decay` > 0, evaluations see the averaged weights and the module ends holding them.
     """
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / STATE_NAME
     step = 0
+    average = ParameterAverage(module, ema_decay) if ema_decay else None
     if resume and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if (average is None) != (state.get("ema") is None):
+            raise ValueError(
+                f"{state_path} was written {'with' if state.get('ema') else 'without'} weight "
+                f"averaging and this run asks for ema_decay={ema_decay}: resume with the flags "
+                "the run started with (--ema), or start a new --out"
+            )
         module.load_state_dict(state["module"])
+        if average is not None:
+            average.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
@@ -149,6 +223,7 @@ def run_loop(
                     "scheduler": scheduler.state_dict(),
                     "rng": torch.get_rng_state(),
                     "step": step,
+                    "ema": average.state_dict() if average is not None else None,
                 },
                 state_path,
             )
@@ -170,6 +245,8 @@ def run_loop(
             raise FloatingPointError(f"loss became {metrics['loss']} at step {step}; lower --lr")
         optimizer.step()
         scheduler.step()
+        if average is not None:
+            average.update()
         step += 1
         seen += len(batches[index]) * info.world
         rate = seen / (time.perf_counter() - start)
@@ -178,11 +255,14 @@ def run_loop(
         if step % save_every == 0 or step == total_steps:
             save()
         if eval_fn and ((eval_every and step % eval_every == 0) or step == total_steps):
-            result = eval_fn(step)
+            with average.swapped_in() if average is not None else nullcontext():
+                result = eval_fn(step)
             if log:
                 log(event="eval", stage=desc, step=step, epoch=epoch, **result)
             module.train()
     bar.close()
+    if average is not None:
+        average.copy_to_module()
     if log and step > start_step:
         log(
             event="done",

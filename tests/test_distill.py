@@ -224,6 +224,80 @@ def test_resume_replays_the_same_step_sequence(tmp_path):
     assert torch.equal(w_full, w_resumed)
 
 
+def _linear_run(out, *, ema_decay=0.0, stop_at=None, resume=False, total=10):
+    """A few SGD steps of a 4 -> 1 linear model through run_loop. Returns the weight after every
+    optimizer step as the training saw it, the weights every evaluation saw, and the module."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(module.parameters(), lr=0.002)
+    sched = linear_warmup_schedule(opt, total, 0.1)
+    trained, evaluated = [], []
+
+    def step_fn(indices, step):
+        if step == stop_at:
+            raise KeyboardInterrupt
+        trained.append(module.weight.detach().clone())  # the weight after the previous step
+        x = torch.tensor([[float(i) for i in indices[:1] * 4]])
+        loss = (module(x) - torch.randn(1)).pow(2).sum()
+        loss.backward()
+        return {"loss": loss.item()}
+
+    def eval_fn(step):
+        evaluated.append(module.weight.detach().clone())
+        return {}
+
+    try:
+        run_loop(
+            out=out,
+            module=module,
+            optimizer=opt,
+            scheduler=sched,
+            step_fn=step_fn,
+            lengths=[3, 5, 2, 7, 4, 4, 6, 1, 9, 8, 2, 3],
+            batch_size=4,
+            total_steps=total,
+            seed=3,
+            info=DistInfo(),
+            resume=resume,
+            save_every=1,
+            eval_fn=eval_fn,
+            eval_every=4,
+            ema_decay=ema_decay,
+        )
+    except KeyboardInterrupt:
+        pass
+    return trained, evaluated, module
+
+
+def test_weight_average_follows_the_recurrence_and_leaves_training_alone(tmp_path):
+    """--ema changes what is evaluated and saved, never the steps: the trained weights are the
+    plain run's, the evaluations and the final module see avg_t = d_t avg + (1 - d_t) w_t with
+    d_t = min(d, (1 + t) / (10 + t)), and an interrupted run resumes to the same average."""
+    plain, _, plain_module = _linear_run(tmp_path / "plain")
+    trained, evaluated, module = _linear_run(tmp_path / "ema", ema_decay=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(plain, trained, strict=True))
+    final = plain_module.weight.detach()
+    after_step = plain[1:] + [final]  # the weight after optimizer steps 1..10
+    avg, expected = plain[0].clone(), []
+    for t, w in enumerate(after_step, start=1):
+        d = min(0.5, (1 + t) / (10 + t))
+        avg = d * avg + (1 - d) * w
+        expected.append(avg.clone())
+    # evaluations after steps 4, 8 and the last
+    for seen, want in zip(evaluated, [expected[3], expected[7], expected[9]], strict=True):
+        torch.testing.assert_close(seen, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(module.weight.detach(), expected[-1], rtol=0, atol=1e-6)
+    assert not torch.allclose(expected[-1], final)  # the average is not the last step's weight
+
+    _linear_run(tmp_path / "cut", ema_decay=0.5, stop_at=6)
+    _, _, resumed = _linear_run(tmp_path / "cut", ema_decay=0.5, resume=True)
+    assert torch.equal(resumed.weight.detach(), module.weight.detach())
+    with pytest.raises(ValueError, match="without weight averaging"):
+        _linear_run(tmp_path / "plain", ema_decay=0.5, resume=True, total=12)
+    with pytest.raises(ValueError, match="with weight averaging"):
+        _linear_run(tmp_path / "cut", resume=True)
+
+
 @needs_glue
 def test_distill_stages_and_resume(tiny_teacher, tmp_path):
     args = tiny_run(tmp_path / "run", train_limit=64, eval_limit=16)
@@ -452,3 +526,24 @@ def test_clamp_leak_changes_training_and_is_recorded(tiny_teacher, tmp_path):
     assert not torch.equal(weights[0.0], weights[0.5])
     with pytest.raises(ValueError, match="clamp_leak"):
         distill(tiny_run(tmp_path / "bad"), tiny_teacher, stages=["fp-pred"], clamp_leak=1.5)
+
+
+@needs_glue
+def test_ema_stage_saves_the_average_and_records_it(tiny_teacher, tmp_path):
+    """A stage with --ema saves averaged weights (not the plain run's last step), evaluates with
+    them and records the decay; a decay outside [0, 1) is refused."""
+    import json
+
+    from spikeinfer.checkpoint import load_checkpoint
+
+    kwargs = {"layer_map": [0], "t_conv": 8, "word_embeddings": "teacher", "stages": ["fp-pred"]}
+    weights = {}
+    for ema in (0.0, 0.9):
+        out = tmp_path / f"run{ema}"
+        distill(tiny_run(out, eval_limit=4), tiny_teacher, ema=ema, **kwargs)
+        weights[ema] = load_checkpoint(out / "fp-pred").layers[0].ffn1.weight.detach()
+        meta = json.loads((out / "fp-pred" / "config.json").read_text())
+        assert meta["provenance"]["ema"] == ema
+    assert not torch.equal(weights[0.0], weights[0.9])
+    with pytest.raises(ValueError, match="ema"):
+        distill(tiny_run(tmp_path / "bad"), tiny_teacher, ema=1.0, **kwargs)
