@@ -179,63 +179,20 @@ def test_few_distillation_steps_lower_the_kd_loss(tiny_teacher, moments):
     assert loss_now().item() < 0.8 * first.item()
 
 
-def test_resume_replays_the_same_step_sequence(tmp_path):
-    lengths = [3, 5, 2, 7, 4, 4, 6, 1, 9, 8, 2, 3]
-
-    def train(out, stop_at=None, resume=False):
-        torch.manual_seed(0)
-        module = torch.nn.Linear(4, 1)
-        opt = torch.optim.SGD(module.parameters(), lr=0.1)
-        sched = linear_warmup_schedule(opt, 10, 0.1)
-        seen = []
-
-        def step_fn(indices, step):
-            if step == stop_at:
-                raise KeyboardInterrupt
-            seen.append((step, list(indices)))
-            x = torch.tensor([[float(i) for i in indices[:1] * 4]])
-            loss = (module(x) - torch.randn(1)).pow(2).sum()
-            loss.backward()
-            return {"loss": loss.item()}
-
-        try:
-            run_loop(
-                out=out,
-                module=module,
-                optimizer=opt,
-                scheduler=sched,
-                step_fn=step_fn,
-                lengths=lengths,
-                batch_size=4,
-                total_steps=10,
-                seed=3,
-                info=DistInfo(),
-                resume=resume,
-                save_every=1,
-            )
-        except KeyboardInterrupt:
-            pass
-        return seen, module.weight.detach().clone()
-
-    full, w_full = train(tmp_path / "a")
-    first, _ = train(tmp_path / "b", stop_at=6)
-    rest, w_resumed = train(tmp_path / "b", resume=True)
-    assert first + rest == full  # epochs of 3 batches: crosses two epoch boundaries
-    assert torch.equal(w_full, w_resumed)
-
-
-def _linear_run(out, *, ema_decay=0.0, stop_at=None, resume=False, total=10):
-    """A few SGD steps of a 4 -> 1 linear model through run_loop. Returns the weight after every
-    optimizer step as the training saw it, the weights every evaluation saw, and the module."""
+def _linear_run(out, *, ema_decay=0.0, stop_at=None, resume=False, total=10, lr=0.002):
+    """A few SGD steps of a 4 -> 1 linear model through run_loop. Returns the (step, batch) pairs
+    it ran, the weight before every step as the training saw it, the weights every evaluation
+    saw, and the module."""
     torch.manual_seed(0)
     module = torch.nn.Linear(4, 1)
-    opt = torch.optim.SGD(module.parameters(), lr=0.002)
+    opt = torch.optim.SGD(module.parameters(), lr=lr)
     sched = linear_warmup_schedule(opt, total, 0.1)
-    trained, evaluated = [], []
+    seen, trained, evaluated = [], [], []
 
     def step_fn(indices, step):
         if step == stop_at:
             raise KeyboardInterrupt
+        seen.append((step, list(indices)))
         trained.append(module.weight.detach().clone())  # the weight after the previous step
         x = torch.tensor([[float(i) for i in indices[:1] * 4]])
         loss = (module(x) - torch.randn(1)).pow(2).sum()
@@ -266,15 +223,23 @@ def _linear_run(out, *, ema_decay=0.0, stop_at=None, resume=False, total=10):
         )
     except KeyboardInterrupt:
         pass
-    return trained, evaluated, module
+    return seen, trained, evaluated, module
+
+
+def test_resume_replays_the_same_step_sequence(tmp_path):
+    full, _, _, m_full = _linear_run(tmp_path / "a", lr=0.1)
+    first, _, _, _ = _linear_run(tmp_path / "b", stop_at=6, lr=0.1)
+    rest, _, _, m_resumed = _linear_run(tmp_path / "b", resume=True, lr=0.1)
+    assert first + rest == full  # epochs of 3 batches: crosses two epoch boundaries
+    assert torch.equal(m_full.weight.detach(), m_resumed.weight.detach())
 
 
 def test_weight_average_follows_the_recurrence_and_leaves_training_alone(tmp_path):
     """--ema changes what is evaluated and saved, never the steps: the trained weights are the
     plain run's, the evaluations and the final module see avg_t = d_t avg + (1 - d_t) w_t with
     d_t = min(d, (1 + t) / (10 + t)), and an interrupted run resumes to the same average."""
-    plain, _, plain_module = _linear_run(tmp_path / "plain")
-    trained, evaluated, module = _linear_run(tmp_path / "ema", ema_decay=0.5)
+    _, plain, _, plain_module = _linear_run(tmp_path / "plain")
+    _, trained, evaluated, module = _linear_run(tmp_path / "ema", ema_decay=0.5)
     assert all(torch.equal(a, b) for a, b in zip(plain, trained, strict=True))
     final = plain_module.weight.detach()
     after_step = plain[1:] + [final]  # the weight after optimizer steps 1..10
@@ -290,7 +255,7 @@ def test_weight_average_follows_the_recurrence_and_leaves_training_alone(tmp_pat
     assert not torch.allclose(expected[-1], final)  # the average is not the last step's weight
 
     _linear_run(tmp_path / "cut", ema_decay=0.5, stop_at=6)
-    _, _, resumed = _linear_run(tmp_path / "cut", ema_decay=0.5, resume=True)
+    _, _, _, resumed = _linear_run(tmp_path / "cut", ema_decay=0.5, resume=True)
     assert torch.equal(resumed.weight.detach(), module.weight.detach())
     with pytest.raises(ValueError, match="without weight averaging"):
         _linear_run(tmp_path / "plain", ema_decay=0.5, resume=True, total=12)
