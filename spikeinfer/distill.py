@@ -584,8 +584,15 @@ def distill(
         finished = [s for s in earlier if (out_root / s / "config.json").exists()]
         student = init_student_from_teacher(teacher, layer_map, binary, t_conv, word_embeddings)
         sources = [out_root / s for s in finished] or ([Path(init)] if init is not None else [])
+        # The stage's checkpoint records what it started from, with that checkpoint's own
+        # provenance nested, so a bundled model carries its whole recipe (not just the last stage).
+        lineage = {"init": "teacher", "init_provenance": None}
         if sources:
             source = load_checkpoint(sources[-1], device)
+            lineage = {
+                "init": str(sources[-1]),
+                "init_provenance": source.checkpoint_meta.get("provenance") or None,
+            }
             missing, unexpected = student.load_state_dict(_latent_state(source), strict=False)
             if missing or unexpected:
                 raise ValueError(
@@ -751,6 +758,9 @@ def distill(
                     "vth_lr": vth_lr,
                     "clamp_leak": clamp_leak,
                     "ema": ema,
+                    "augment": augment,
+                    "augment_prob": augment_prob if augment else 0.0,
+                    **lineage,
                 },
                 attachments={PROJECTION_NAME: module.proj.state_dict()},
             )

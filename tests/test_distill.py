@@ -336,6 +336,13 @@ def test_distill_init_from_another_run(tiny_teacher, tmp_path):
     )
     log = [json.loads(line) for line in (tmp_path / "task" / "log.jsonl").read_text().splitlines()]
     assert [r["init"] for r in log if r["event"] == "stage_start"] == [str(source)]
+    # the checkpoint records its start and nests the source's provenance: the whole recipe
+    task_meta = json.loads((tmp_path / "task" / "fp-pred" / "config.json").read_text())
+    source_meta = json.loads((source / "config.json").read_text())
+    assert task_meta["provenance"]["init"] == str(source)
+    assert task_meta["provenance"]["init_provenance"] == source_meta["provenance"]
+    assert source_meta["provenance"]["init"] == "teacher"
+    assert source_meta["provenance"]["init_provenance"] is None
     distill(args_for(tmp_path / "plain", 0.0), tiny_teacher, stages=["fp-pred"], **kwargs)
     weight = {
         name: load_checkpoint(folder).layers[0].q_proj.weight
@@ -406,6 +413,8 @@ def test_distill_augment_trains_on_the_copies(tiny_teacher, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     start = next(r for r in log if r["event"] == "distill_start")
     assert start["train_examples"] == 36 and start["augment"] == 2
+    meta = json.loads((tmp_path / "run" / "fp-pred" / "config.json").read_text())
+    assert meta["provenance"]["augment"] == 2 and meta["provenance"]["augment_prob"] == 0.4
 
 
 @needs_glue
