@@ -557,12 +557,12 @@ def main(argv=None) -> int:
         print(f"triton backend unavailable: {reason}", file=sys.stderr)
         return 2
     import torch.nn.functional as F
+
+    from spikeinfer import ModelConfig
     from spikeinfer.kernels.attention import spiking_attention
     from spikeinfer.kernels.backend import simulate
     from spikeinfer.kernels.neuron_scan import if_scan
     from spikeinfer.kernels.spike_linear import spike_linear
-
-    from spikeinfer import ModelConfig
 
     device = torch.device("cuda" if cuda else "cpu")
     device_name = torch.cuda.get_device_name() if cuda else "cpu (TRITON_INTERPRET smoke test)"

@@ -20,8 +20,8 @@ if not torch.cuda.is_available():
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
-import spikeinfer.kernels as kernels  # noqa: E402
 
+import spikeinfer.kernels as kernels  # noqa: E402
 from spikeinfer import ModelConfig, rng  # noqa: E402
 from spikeinfer.model import SpikingBert, _Recorder, compact  # noqa: E402
 from spikeinfer.neuron import if_multistep  # noqa: E402
