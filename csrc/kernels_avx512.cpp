@@ -115,22 +115,17 @@ inline __m512 gelu16(__m512 x) {
 
 // ---- binary projection microkernel -----------------------------------------------------------
 
-// Currents of R rows for C consecutive interleaved column groups starting at group g:
-// out[r][(g - g_base + c) * 16 + lane], plus the residual spikes (16-bit slots res16[r][g]) when
-// given. The accumulators live in registers for the whole K loop.
+// acc[r][c][lane] = popcount(w+ & s) over the K words of spike row r and column (c, lane) of
+// the C interleaved groups at w: the K loop every projection tile runs. Every loop over r and c
+// is unrolled so that acc stays in registers (GCC keeps a partly indexed array in memory and
+// stores it on every iteration of the K loop).
 template <int R, int C>
-inline void project_tile(const uint32_t* const* rows, const int32_t* popc, int64_t kw32,
-                         const uint32_t* w_il, int64_t g, int64_t g_base, int64_t N,
-                         const float* alpha, const float* bias, const uint16_t* const* res16,
-                         float* const* out) {
-  // Every loop over r and c is unrolled so that acc stays in registers (GCC keeps a partly
-  // indexed array in memory and stores it on every iteration of the K loop).
-  __m512i acc[R][C];
+inline void popcount_tile(const uint32_t* const* rows, int64_t kw32, const uint32_t* w,
+                          __m512i (&acc)[R][C]) {
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
-  const uint32_t* w = w_il + g * kw32 * 16;
   for (int64_t k = 0; k < kw32; ++k) {
     __m512i wv[C];
 #pragma GCC unroll 16
@@ -143,6 +138,18 @@ inline void project_tile(const uint32_t* const* rows, const int32_t* popc, int64
         acc[r][c] = _mm512_add_epi32(acc[r][c], _mm512_popcnt_epi32(_mm512_and_si512(wv[c], s)));
     }
   }
+}
+
+// Currents of R rows for C consecutive interleaved column groups starting at group g:
+// out[r][(g - g_base + c) * 16 + lane], plus the residual spikes (16-bit slots res16[r][g]) when
+// given. The accumulators live in registers for the whole K loop.
+template <int R, int C>
+inline void project_tile(const uint32_t* const* rows, const int32_t* popc, int64_t kw32,
+                         const uint32_t* w_il, int64_t g, int64_t g_base, int64_t N,
+                         const float* alpha, const float* bias, const uint16_t* const* res16,
+                         float* const* out) {
+  __m512i acc[R][C];
+  popcount_tile<R, C>(rows, kw32, w_il + g * kw32 * 16, acc);
 #pragma GCC unroll 16
   for (int c = 0; c < C; ++c) {
     const __mmask16 valid = tail_mask16(N - (g + c) * 16);
@@ -310,23 +317,7 @@ inline void project_scan_tile(const LinearNeuronArgs& a, int64_t m0, int64_t rr,
       rows[r] = reinterpret_cast<const uint32_t*>(
           a.x + (t * a.M + m0 + std::min<int64_t>(r, rr - 1)) * a.kw64);
     __m512i acc[R][C];
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
-    for (int64_t k = 0; k < kw32; ++k) {
-      __m512i wv[C];
-#pragma GCC unroll 16
-      for (int c = 0; c < C; ++c) wv[c] = _mm512_loadu_si512(w + (c * kw32 + k) * 16);
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        const __m512i s = _mm512_set1_epi32(static_cast<int>(rows[r][k]));
-#pragma GCC unroll 16
-        for (int c = 0; c < C; ++c)
-          acc[r][c] =
-              _mm512_add_epi32(acc[r][c], _mm512_popcnt_epi32(_mm512_and_si512(wv[c], s)));
-      }
-    }
+    popcount_tile<R, C>(rows, kw32, w, acc);
 #pragma GCC unroll 16
     for (int c = 0; c < C; ++c) {
       const int64_t col = (g + c) * 16;
