@@ -75,8 +75,8 @@ inline int32_t masked_popcount(const uint64_t* row, int64_t K, int64_t kw64) {
 // made the fused projection with the plain epilogue, then on the row-at-a-time path, 11-14 %
 // faster on the 2-core Zen 4 (384 x 384, T 85, 800 rows; the GELU epilogue is bound by GELU and
 // gained nothing measurable). The attention op, with far more work per step, gained nothing
-// either, nor did the AVX-512 plain epilogue's steps-innermost tile (1.449 T at 384 x 384 with
-// and without), so neither has any.
+// either, nor did the AVX-512 plain epilogue's steps-innermost tile (1.50 T at 384 x 384, T 85,
+// with and without), so neither has any.
 constexpr int64_t kPrefetchSteps = 2;
 
 template <bool kForWrite>
