@@ -137,32 +137,37 @@ int main(int argc, char** argv) {
 """
 
 
-def require_cpu_flags(needed=("avx512f", "avx512bw", "avx512_vpopcntdq")):
+def require_cpu_flags(needed=("avx512f", "avx512bw", "avx512_vpopcntdq"), who="popcount_ceiling"):
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError as err:
-        raise SystemExit(
-            "popcount_ceiling reads the CPU's flags from /proc/cpuinfo (Linux only)"
-        ) from err
+        raise SystemExit(f"{who} reads the CPU's flags from /proc/cpuinfo (Linux only)") from err
     flags = next(
         (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
     )
     missing = [f for f in needed if f not in flags]
     if missing:
-        raise SystemExit(
-            f"popcount_ceiling times AVX-512 code; this CPU lacks {', '.join(missing)}"
-        )
+        raise SystemExit(f"{who} times AVX-512 code; this CPU lacks {', '.join(missing)}")
 
 
-def build(workdir: Path) -> Path:
-    require_cpu_flags()
+def build(
+    workdir: Path,
+    source: str = SOURCE,
+    isa_flags=("-mavx512f", "-mavx512bw", "-mavx512vpopcntdq"),
+    needed=("avx512f", "avx512bw", "avx512_vpopcntdq"),
+    who="popcount_ceiling",
+) -> Path:
+    """Compiles `source` (a C++ main) with g++ -O3 and the ISA flags, after checking that this
+    CPU has the `needed` /proc/cpuinfo flags; returns the executable."""
+    require_cpu_flags(needed, who)
     compiler = shutil.which("g++")
     if compiler is None:
-        raise SystemExit("popcount_ceiling needs g++ (Debian: apt install g++)")
-    src, exe = workdir / "ceiling.cpp", workdir / "ceiling"
-    src.write_text(SOURCE)
-    flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vpopcntdq", "-std=c++17"]
-    subprocess.run([compiler, *flags, str(src), "-o", str(exe)], check=True)
+        raise SystemExit(f"{who} needs g++ (Debian: apt install g++)")
+    src, exe = workdir / f"{who}.cpp", workdir / who
+    src.write_text(source)
+    subprocess.run(
+        [compiler, "-O3", *isa_flags, "-std=c++17", str(src), "-o", str(exe)], check=True
+    )
     return exe
 
 
