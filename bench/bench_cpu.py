@@ -10,8 +10,9 @@ Measured side by side in one run (DESIGN section 13):
             projections (hidden 384, FFN 1536) and spikingbert-base's (768 / 3072).
     attn    the A sublayer: the cpu op's masked sums against fp32 and bf16 matmul attention.
     model   whole-model inference (unrolled) on `minilm-4l` with random weights scaled to fire, seq
-            64: cpu vs torch-step fp32 (the per-step reference), torch fp32 (multi-step) and torch
-            bf16 (multi-step); dense vs pruned (half the heads and 40 % of the FFN neurons kept,
+            64: cpu vs torch-step fp32 (the per-step reference; the two in alternation, the
+            speed-up the median of the rounds' ratios), torch fp32 (multi-step) and torch bf16
+            (multi-step); dense vs pruned (half the heads and 40 % of the FFN neurons kept,
             compacted), with the time ratio set against the AC ratio (cost.ac_count).
     sst2    what `spikeinfer eval` does: every bundled SST-2 model (dense, two-stage pruned,
             adaptive threshold, each in its own mode) on the whole dev set with the cpu backend,
@@ -113,15 +114,17 @@ def median_ms(fn, repeats: int, warmup=None) -> float:
     return statistics.median(times_ms(fn, repeats, warmup))
 
 
-def interleaved_ms(fns: dict, repeats: int, warmup_calls: int = 3) -> dict[str, list[float]]:
+def interleaved_ms(
+    fns: dict, repeats: int, warmup_calls: int = 3, warmups: dict | None = None
+) -> dict[str, list[float]]:
     """Wall times (ms) of `repeats` rounds in which every function runs once, the order rotated
-    each round, after each function's `warm_up` (`warmup_calls` calls). A ratio of two
-    models' times is only as good as their conditions are alike: this VM's speed drifts by tens
-    of percent over minutes (two runs of bench/op_profile.py, a model at a time, minutes apart,
-    put the same models' time-over-AC ratio at 1.31 and 1.12), so models compared with each
-    other are timed in alternation."""
-    for fn in fns.values():
-        warm_up(fn, warmup_calls)
+    each round, after each function's `warm_up` (`warmup_calls` calls of its entry in `warmups`,
+    by default of itself). A ratio of two models' times is only as good as their conditions are
+    alike: this VM's speed drifts by tens of percent over minutes (two runs of
+    bench/op_profile.py, a model at a time, minutes apart, put the same models' time-over-AC
+    ratio at 1.31 and 1.12), so models compared with each other are timed in alternation."""
+    for label, fn in fns.items():
+        warm_up((warmups or {}).get(label, fn), warmup_calls)
     labels = list(fns)
     times = {label: [] for label in labels}
     for r in range(repeats):
@@ -333,7 +336,7 @@ def bench_model(
     S: int,
     T: int,
     repeats: int,
-    step_repeats: int,
+    reference_rounds: int,
     heads_kept: float,
     neurons_kept: float,
     references: bool = True,
@@ -356,6 +359,7 @@ def bench_model(
         return out
 
     results = {}
+    step_rounds = None
 
     def measure(label, m, backend, reps, **extra):
         load = load_average()
@@ -390,7 +394,37 @@ def bench_model(
                 )
         except RuntimeError as err:
             print(f"torch bf16 reference unavailable: {err}", file=sys.stderr)
-        measure("torch-step fp32", model, "torch-step", step_repeats)
+        # The per-step reference is the speed-up target's denominator: it runs in alternation
+        # with cpu (`reference_rounds` rounds, each call after the other's), and the speed-up is
+        # the median of the rounds' ratios, so the VM's drift over the reference's seconds-long
+        # calls does not enter it.
+        load = load_average()
+        times = interleaved_ms(
+            {
+                "cpu": lambda: run(model, "cpu"),
+                "torch-step fp32": lambda: run(model, "torch-step", label="torch-step fp32"),
+            },
+            reference_rounds,
+            warmup_calls=1,
+            warmups={"torch-step fp32": lambda: run(model, "torch-step", steps=1)},
+        )
+        step_ms = statistics.median(times["torch-step fp32"])
+        results["torch-step fp32"] = step_ms
+        step_rounds = [
+            round(s / c, 2) for s, c in zip(times["torch-step fp32"], times["cpu"], strict=True)
+        ]
+        report.add(
+            benchmark="model",
+            backend="torch-step fp32",
+            shapes=shapes,
+            ms=round(step_ms, 1),
+            sentences_per_s=round(B / step_ms * 1e3, 3),
+            repeats=reference_rounds,
+            load_avg=load,
+            interleaved=True,
+            cpu_ms_interleaved=[round(c, 1) for c in times["cpu"]],
+            **shapes,
+        )
     cpu_out = outputs["cpu"]
     ref_out = outputs.get("torch fp32")
     agree = rates_equal = None
@@ -447,7 +481,8 @@ def bench_model(
 
     summary = {
         "sentences_per_s": round(B / results["cpu"] * 1e3, 3),
-        "speedup_vs_torch_step_fp32": speedup("torch-step fp32"),
+        "speedup_vs_torch_step_fp32": statistics.median(step_rounds) if step_rounds else None,
+        "speedup_vs_torch_step_fp32_rounds": step_rounds,
         "speedup_vs_torch_fp32": speedup("torch fp32"),
         "speedup_vs_torch_bf16": speedup("torch bf16"),
         "dense_over_pruned_time": round(pairs[threads], 3),
@@ -477,7 +512,9 @@ def bench_sst2(report: Report, glue_dir: Path, ref_limit: int, references: bool 
 
     A cpu evaluation takes seconds: it is timed as the median of 3 runs after a warm-up run on
     the same sentences (the first run of a batch shape faults in its buffers). A reference run
-    takes minutes: one run after a one-sentence warm-up."""
+    takes minutes: the torch fp32 and bf16 references one run after a one-sentence warm-up; the
+    per-step reference, the speed-up target's denominator, 3 runs in alternation with cpu's, the
+    speed-up the median of the three pairs' ratios."""
     from spikeinfer.engine import bundled_models, evaluate, load, models_dir
 
     def timed(model, backend, mode=None, limit=None, repeats=3):
@@ -536,16 +573,11 @@ def bench_sst2(report: Report, glue_dir: Path, ref_limit: int, references: bool 
         )
     dense, dense_seq = full["sst2-1bit"], full["sst2-1bit sequential"]
     subset = {}
+    step_rounds = None
     if references:
         model = load("sst2-1bit")
-        references_run = [("cpu", model, "cpu"), ("torch fp32", model, "torch")]
-        if not SKIP_BF16:
-            references_run.append(("torch bf16", copy.deepcopy(model).to(torch.bfloat16), "torch"))
-        references_run.append(("torch-step fp32", model, "torch-step"))
-        for label, m, backend in references_run:
-            r, load_before = timed(
-                m, backend, limit=ref_limit, repeats=3 if backend == "cpu" else 1
-            )
+
+        def add_subset_row(label, r, load_before, **extra):
             subset[label] = r
             report.add(
                 benchmark="sst2_dev_subset",
@@ -557,6 +589,47 @@ def bench_sst2(report: Report, glue_dir: Path, ref_limit: int, references: bool 
                 sentences_per_s=round(r["sentences_per_s"], 3),
                 accuracy=round(r["accuracy"], 2),
                 load_avg=load_before,
+                **extra,
+            )
+
+        references_run = [("torch fp32", model, "torch")]
+        if not SKIP_BF16:
+            references_run.append(("torch bf16", copy.deepcopy(model).to(torch.bfloat16), "torch"))
+        for label, m, backend in references_run:
+            add_subset_row(label, *timed(m, backend, limit=ref_limit, repeats=1))
+        # cpu and the per-step reference (the speed-up target's denominator) in alternation,
+        # `rounds` rounds, the speed-up the median of the rounds' ratios (see bench_model).
+        paired = {"cpu": [], "torch-step fp32": []}
+
+        def subset_run(label, backend, limit=ref_limit):
+            kw = dict(glue_dir=glue_dir, backend=backend, limit=limit, progress=False)
+            return lambda: paired[label].append(evaluate(model, "sst2", **kw))
+
+        load_before = load_average()
+        interleaved_ms(
+            {
+                "cpu": subset_run("cpu", "cpu"),
+                "torch-step fp32": subset_run("torch-step fp32", "torch-step"),
+            },
+            repeats=rounds,
+            warmup_calls=1,
+            warmups={"torch-step fp32": subset_run("torch-step fp32", "torch-step", limit=1)},
+        )
+        paired = {
+            label: timed_runs[-rounds:] for label, timed_runs in paired.items()
+        }  # no warm-ups
+        step_rounds = [
+            round(s["wall_s"] / c["wall_s"], 2)
+            for s, c in zip(paired["torch-step fp32"], paired["cpu"], strict=True)
+        ]
+        for label, runs_of in paired.items():
+            median_run = sorted(runs_of, key=lambda run: run["wall_s"])[rounds // 2]
+            add_subset_row(
+                label,
+                median_run,
+                load_before,
+                ms_runs=[round(1e3 * r["wall_s"], 1) for r in runs_of],
+                interleaved=True,
             )
 
     def speedup(label):
@@ -566,7 +639,8 @@ def bench_sst2(report: Report, glue_dir: Path, ref_limit: int, references: bool 
 
     summary = {
         "sentences_per_s": round(dense["sentences_per_s"], 2),
-        "speedup_vs_torch_step_fp32": speedup("torch-step fp32"),
+        "speedup_vs_torch_step_fp32": statistics.median(step_rounds) if step_rounds else None,
+        "speedup_vs_torch_step_fp32_rounds": step_rounds,
         "speedup_vs_torch_fp32": speedup("torch fp32"),
         "speedup_vs_torch_bf16": speedup("torch bf16"),
         "reference_subset": ref_limit if references else None,
@@ -659,10 +733,10 @@ def main(argv=None):
         flush=True,
     )
     if args.quick:
-        gemm_shapes, repeats, model_b, step_repeats = (8, 8, 64), 3, 8, 1
+        gemm_shapes, repeats, model_b, reference_rounds = (8, 8, 64), 3, 8, 3
         timesteps = args.timesteps or [8]
     else:
-        gemm_shapes, repeats, model_b, step_repeats = (32, 16, 64), 5, 32, 1
+        gemm_shapes, repeats, model_b, reference_rounds = (32, 16, 64), 5, 32, 3
         timesteps = args.timesteps or [32]
     if not args.skip_gemm:
         # Each GEMM call takes milliseconds: many repeats make its median robust to the moments
@@ -679,7 +753,7 @@ def main(argv=None):
                 64,
                 T,
                 repeats,
-                step_repeats,
+                reference_rounds,
                 heads_kept=0.5,
                 neurons_kept=0.4,
                 references=not args.skip_references,

@@ -855,6 +855,21 @@ def test_bench_times_compared_models_in_alternation():
     assert all(ms >= 0 for t in times.values() for ms in t)
 
 
+def test_bench_warms_a_slow_reference_up_on_a_stand_in():
+    """The per-step reference takes seconds a call: interleaved_ms warms it up with a short
+    stand-in call (`warmups`) and times only the real calls, in alternation with the others."""
+    interleaved_ms = bench_module("bench_cpu").interleaved_ms
+
+    calls = []
+    fns = {label: (lambda label=label: calls.append(label)) for label in ("cpu", "step")}
+    times = interleaved_ms(
+        fns, repeats=3, warmup_calls=1, warmups={"step": lambda: calls.append("step warm-up")}
+    )
+    assert calls.count("step") == 3 and "step warm-up" in calls
+    assert calls[-6:] == ["cpu", "step", "step", "cpu", "cpu", "step"]
+    assert {label: len(t) for label, t in times.items()} == {"cpu": 3, "step": 3}
+
+
 def test_bench_records_the_host():
     cpuinfo = (
         "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
