@@ -517,13 +517,12 @@ def bench_sst2(report: Report, glue_dir: Path, ref_limit: int, references: bool 
     speed-up the median of the three pairs' ratios."""
     from spikeinfer.engine import bundled_models, evaluate, load, models_dir
 
-    def timed(model, backend, mode=None, limit=None, repeats=3):
-        kw = dict(glue_dir=glue_dir, backend=backend, mode=mode, progress=False)
-        evaluate(model, "sst2", limit=limit if repeats > 1 else 1, **kw)
+    def reference_run(model, backend):
+        """One run on the subset after a one-sentence warm-up, and the load before it."""
+        kw = dict(glue_dir=glue_dir, backend=backend, progress=False)
+        evaluate(model, "sst2", limit=1, **kw)
         load_before = load_average()
-        runs = [evaluate(model, "sst2", limit=limit, **kw) for _ in range(repeats)]
-        result = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
-        return result, load_before
+        return evaluate(model, "sst2", limit=ref_limit, **kw), load_before
 
     names = [
         n
@@ -596,7 +595,7 @@ def bench_sst2(report: Report, glue_dir: Path, ref_limit: int, references: bool 
         if not SKIP_BF16:
             references_run.append(("torch bf16", copy.deepcopy(model).to(torch.bfloat16), "torch"))
         for label, m, backend in references_run:
-            add_subset_row(label, *timed(m, backend, limit=ref_limit, repeats=1))
+            add_subset_row(label, *reference_run(m, backend))
         # cpu and the per-step reference (the speed-up target's denominator) in alternation,
         # `rounds` rounds, the speed-up the median of the rounds' ratios (see bench_model).
         paired = {"cpu": [], "torch-step fp32": []}
@@ -615,9 +614,8 @@ def bench_sst2(report: Report, glue_dir: Path, ref_limit: int, references: bool 
             warmup_calls=1,
             warmups={"torch-step fp32": subset_run("torch-step fp32", "torch-step", limit=1)},
         )
-        paired = {
-            label: timed_runs[-rounds:] for label, timed_runs in paired.items()
-        }  # no warm-ups
+        # Both warm-ups appended a run first: keep the timed rounds.
+        paired = {label: timed_runs[-rounds:] for label, timed_runs in paired.items()}
         step_rounds = [
             round(s["wall_s"] / c["wall_s"], 2)
             for s, c in zip(paired["torch-step fp32"], paired["cpu"], strict=True)
